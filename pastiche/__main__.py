@@ -1,0 +1,3 @@
+from pastiche.cli import main
+
+raise SystemExit(main())
