@@ -16,6 +16,7 @@ from pastiche.errors import PasticheError
 TRAIN_JSONL, EVAL_JSONL, TEST_JSONL = "train.jsonl", "eval.jsonl", "test.jsonl"
 SPLIT_FILES = {"train": TRAIN_JSONL, "eval": EVAL_JSONL, "test": TEST_JSONL}
 PREPARE_JSON = "prepare.json"
+TRAIN_DATASET_DIR, EVAL_DATASET_DIR = "train_dataset", "eval_dataset"
 TRAINING_CSV = "training_data.csv"
 LENGTHS_PNG = "token_lengths.png"
 
@@ -63,12 +64,17 @@ def last_run_dir(runs_dir: str | Path, name: str) -> Path | None:
     return runs[-1] if runs else None
 
 
+def refuse_existing(final: str | Path, force: bool = False, flag: str = "--out") -> None:
+    """Fail early (before any slow work) when an output folder exists and --force is not given."""
+    if Path(final).exists() and not force:
+        raise PasticheError(f"{flag}: {final} already exists; choose another folder or pass --force.")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, force: bool = False, flag: str = "--out") -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to ``final`` only if the block succeeds."""
     final = Path(final)
-    if final.exists() and not force:
-        raise PasticheError(f"{flag}: {final} already exists; choose another folder or pass --force.")
+    refuse_existing(final, force, flag)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
