@@ -93,7 +93,7 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     epochs: float = opt(3.0, "Passes over the training split.")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (smoke runs); overrides --epochs.")
-    batch_tokens: int = opt(4096, "Token budget of one micro-batch (length-grouped, dynamically padded).")
+    batch_tokens: int = opt(1024, "Token budget of one micro-batch (length-grouped, dynamically padded); memory grows with it.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
     packing: bool = opt(False, "Pack several records into one row, with attention kept inside each record.")
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.")
@@ -152,7 +152,7 @@ class EvaluateConfig:
     repetition_penalty: float = opt(1.1, "Repetition penalty for the evaluation samples.")
     max_new_tokens: int = opt(400, "Most tokens per evaluation sample.")
     seed: int = opt(1234, "Seed for sampling and bootstrap.")
-    backend: str = opt("auto", "Sampling engine.", choices=["auto", "torch", "llama.cpp"])
+    backend: str = opt("auto", "Sampling engine (auto: llama.cpp when RUN/export exists, else PyTorch).", choices=["auto", "torch", "llama.cpp"])
 
     def __post_init__(self) -> None:
         _check(bool(self.run), "run", "a run folder")
@@ -166,12 +166,14 @@ class ExportConfig:
     force: bool = opt(False, "Replace an existing export folder.")
     dtype: str = opt("f16", "Tensor type of merged.gguf (and base.gguf when one is written).", choices=["f16", "q8_0", "f32"])
     verify: bool = opt(True, "Check the GGUF files against the PyTorch model with real llama.cpp.")
+    verify_tokens: int = opt(1024, "Held-out tokens (the run's eval and test records) compared position by position.")
+    base: str | None = opt(None, "Base GGUF or folder to export against (default: the run's base.json); must be the one the run was trained on.")
     ollama_name: str | None = opt(None, "Name for `ollama create` (default: the run's name).")
     num_ctx: int = opt(2048, "Context length written to the Modelfiles.")
 
     def __post_init__(self) -> None:
         _check(bool(self.run), "run", "a run folder")
-        _positive(self, "num_ctx")
+        _positive(self, "num_ctx", "verify_tokens")
 
 
 @dataclass

@@ -119,6 +119,31 @@ def resolve_base(spec: str) -> BaseModel:
     raise PasticheError(f"--base: {spec!r} is not 'embedded', a .gguf file, ollama:NAME, a model folder or a hub id.")
 
 
+def gguf_architecture(path: str | Path) -> str:
+    """The ``general.architecture`` of a GGUF file, read from its header only."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.architecture")
+    return bytes(field.parts[field.data[0]]).decode() if field else "unknown"
+
+
+def check_loadable(base: BaseModel) -> None:
+    """Refuse a GGUF base whose architecture transformers cannot dequantize, before any heavy work."""
+    if base.kind != "gguf" or (paths.home() / "bases" / base.sha256[:16] / "config.json").is_file():
+        return
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        arch = gguf_architecture(base.path)
+    except Exception as exc:  # a truncated or corrupt file: gguf raises many kinds
+        raise PasticheError(f"--base: cannot read the GGUF header of {base.path} ({exc.__class__.__name__}).") from exc
+    names = {arch, arch.replace("-", "_"), arch.replace("moe", "_moe")}
+    if not names & set(GGUF_SUPPORTED_ARCHITECTURES):
+        supported = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+        raise PasticheError(f"--base: {base.path} is a {arch!r} GGUF, which transformers cannot load for training; "
+                            f"supported architectures: {supported}.")
+
+
 def hf_dir(base: BaseModel) -> str:
     """A folder or hub id that ``from_pretrained`` loads fast and the Trainer accepts."""
     if base.kind == "hf":
@@ -137,7 +162,7 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
     print(f"pastiche: dequantizing {gguf.name} once into {out} (later loads take a fraction of a second)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype="float32")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
     except (ValueError, KeyError, RuntimeError) as exc:
         raise PasticheError(f"--base: transformers cannot load {gguf} ({exc}); "
                             "supported GGUF architectures include llama, mistral, qwen2.") from exc
@@ -167,14 +192,14 @@ def load_model(base: BaseModel, dtype: str = "float32", device: str = "cpu", qua
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"torch_dtype": getattr(torch, dtype)}
+    kwargs: dict = {"dtype": getattr(torch, dtype)}
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process under accelerate
     model = AutoModelForCausalLM.from_pretrained(hf_dir(base), **kwargs)
     if not quantize_4bit:
         model.to(device)
