@@ -91,12 +91,19 @@ def training_system_prompt(run: Path) -> str | None:
     return next((r["system"] for r in _records(_data_folder(run), "train") if r.get("system")), None)
 
 
+def say(message: str) -> None:
+    """One line of progress: export spends minutes in llama.cpp and PyTorch on a CPU."""
+    print(f"pastiche export: {message}", flush=True)
+
+
 def verify(files: dict[str, Path], base_gguf: Path, base_quantized: bool, merged_quantized: bool, refs: dict) -> dict:
     """Measure base alone (the quantization noise floor), base + adapter and the merge; raise on a mismatch."""
+    say(f"verifying with llama.cpp: {base_gguf.name} alone (its quantization noise floor)")
     base = gguf_verify.measure(base_gguf, refs["base"])
     results = {"base": gguf_verify.judge(base, base_quantized, None) if "base" in files else
                {**base, "rule": "not checked (not written here): the noise floor the adapter is judged against",
                 "passed": None}}
+    say(f"verifying with llama.cpp: {base_gguf.name} + {files['adapter'].name}, then {files['merged'].name}")
     results["adapter"] = gguf_verify.judge(gguf_verify.measure(base_gguf, refs["tuned"], files["adapter"]),
                                            base_quantized, base["kl"])
     results["merged"] = gguf_verify.judge(gguf_verify.measure(files["merged"], refs["tuned"]), merged_quantized,
@@ -107,7 +114,7 @@ def verify(files: dict[str, Path], base_gguf: Path, base_quantized: bool, merged
     for key in checked:
         if not results[key]["passed"]:
             raise PasticheError(gguf_verify.failure_message(files[key].name, results[key]))
-    return {"checked": checked, **results}
+    return {"passed": True, "checked": checked, **results}
 
 
 def _write_models(cfg: ExportConfig, run: Path, base: models.BaseModel, lora, out: Path, tokenizer,
@@ -123,19 +130,22 @@ def _write_models(cfg: ExportConfig, run: Path, base: models.BaseModel, lora, ou
         gguf_export.write_base_gguf(model, tokenizer, run / paths.TOKENIZER_DIR, files["base"], cfg.dtype)
     base_gguf = files.get("base") or Path(base.path)
     info = gguf_export.read_gguf(base_gguf)
+    say(f"writing {paths.ADAPTER_GGUF} against {base_gguf.name}")
     adapter = gguf_export.write_adapter_gguf(lora, info, files["adapter"])
     tuned = peft.PeftModel.from_pretrained(model, str(run / paths.ADAPTER_DIR))
     refs = {}
     if held_out_ids:
+        say("PyTorch reference distributions on held-out text, base and tuned")
         texts, prompt = held_out_ids
         with tuned.disable_adapter():
             refs["base"] = gguf_verify.torch_reference(tuned, texts, prompt)
         refs["tuned"] = gguf_verify.torch_reference(tuned, texts, prompt)
+    say(f"merging the adapter; writing {paths.MERGED_GGUF} ({cfg.dtype}) and {paths.MERGED_DIR}/")
     merged = tuned.merge_and_unload()
     gguf_export.write_merged_gguf(merged, info, files["merged"], cfg.dtype, tokenizer.chat_template)
     merged.to(torch.float32 if cfg.dtype == "f32" else torch.float16).save_pretrained(out / paths.MERGED_DIR)
     tokenizer.save_pretrained(out / paths.MERGED_DIR)
-    checks = verify(files, base_gguf, info.quantized, cfg.dtype == "q8_0", refs) if refs else {"skipped": "--no-verify"}
+    checks = verify(files, base_gguf, info.quantized, cfg.dtype == "q8_0", refs) if refs else {"passed": None, "skipped": "--no-verify"}
     return {"files": files, "base_gguf": base_gguf, "adapter": adapter, "verify": checks}
 
 

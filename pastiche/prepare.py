@@ -268,7 +268,9 @@ def write_outputs(folder: Path, records: list[dict], lengths: list[int], info: d
     features = Features({key: Value("string") for key in
                          ("id", "piece", "title", "group", "split", "task", "system", "prompt", "completion")})
     for name, folder_name in (("train", paths.TRAIN_DATASET_DIR), ("eval", paths.EVAL_DATASET_DIR)):
-        Dataset.from_list(by_split[name], features=features).save_to_disk(str(folder / folder_name))
+        # from_dict and one shard: an empty split (--eval-fraction 0) still saves and reloads.
+        columns = {key: [r[key] for r in by_split[name]] for key in features}
+        Dataset.from_dict(columns, features=features).save_to_disk(str(folder / folder_name), num_shards=1)
     with (folder / paths.TRAINING_CSV).open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["input", "output"])

@@ -45,7 +45,10 @@ def banner(step: int, name: str, detail: str) -> None:
 
 
 def run(cfg: RunConfig) -> Path:
-    """Run every stage not yet finished; return the run folder."""
+    """Run every stage not yet finished; return the run folder.
+
+    Stages run through their ``main`` so each prints the summary it prints on its own.
+    """
     options = stage_options(cfg)
     workdir = Path(cfg.workdir)
     source = Path(cfg.source) if cfg.source else bundled(DEMO_CORPUS)
@@ -56,9 +59,9 @@ def run(cfg: RunConfig) -> Path:
     data_dir = workdir / "data" / name
     if not (data_dir / paths.PREPARE_JSON).is_file():
         banner(1, "prepare", f"{source} -> {data_dir}")
-        from pastiche.prepare import prepare
+        from pastiche import prepare
 
-        prepare(build(PrepareConfig, options["prepare"], {"source": str(source), "out": str(data_dir)}))
+        prepare.main(build(PrepareConfig, options["prepare"], {"source": str(source), "out": str(data_dir)}))
     else:
         banner(1, "prepare", f"reusing {data_dir}")
 
@@ -82,17 +85,17 @@ def run(cfg: RunConfig) -> Path:
         banner(3, "export", "already finished")
     else:
         banner(3, "export", "PEFT, GGUF adapter, merged GGUF, Modelfiles, verified with llama.cpp")
-        from pastiche.export import export
+        from pastiche import export
 
-        export(build(ExportConfig, options["export"], {"run": str(run_dir), "force": True}))
+        export.main(build(ExportConfig, options["export"], {"run": str(run_dir), "force": True}))
 
     if _stage_done(run_dir, "evaluate"):
         banner(4, "evaluate", "already finished")
     else:
         banner(4, "evaluate", "held-out perplexity, style distance, copying, stopping")
-        from pastiche.evaluate import evaluate
+        from pastiche import evaluate
 
-        evaluate(build(EvaluateConfig, options["evaluate"], {"run": str(run_dir)}))
+        evaluate.main(build(EvaluateConfig, options["evaluate"], {"run": str(run_dir)}))
 
     banner(5, "generate", "one new piece")
     sample = _one_sample(run_dir, options["generate"])
@@ -127,6 +130,12 @@ def _metric(report: dict, *keys: str, fmt: str = "{:.3f}") -> str:
     return fmt.format(value) if isinstance(value, (int, float)) else str(value)
 
 
+def _verified(verify: dict) -> str:
+    if verify.get("passed"):
+        return "yes: " + ", ".join(f"{k} KL {verify[k]['kl']:.1e}/token" for k in verify.get("checked", []))
+    return "skipped (--no-verify)" if "skipped" in verify else "NO"
+
+
 def summary(run_dir: Path, sample: str, name: str) -> None:
     report_file = run_dir / paths.EVAL_DIR / paths.REPORT_JSON
     verify_file = run_dir / paths.EXPORT_DIR / paths.VERIFY_JSON
@@ -146,7 +155,9 @@ def summary(run_dir: Path, sample: str, name: str) -> None:
         f"copy rate       {_metric(report, 'copying', 'tuned', 'copy_rate')}"
         f" (author's own {_metric(report, 'copying', 'test', 'copy_rate')})",
         f"stopped by EOS  {_metric(report, 'stopping', 'tuned_eos_share', fmt='{:.0%}')}",
-        f"export verified {'yes' if verify.get('passed') else 'NO'}",
+        f"export verified {_verified(verify)}",
+        "",
+        "A new piece, never in the corpus:",
         "",
         sample.strip(),
         "",

@@ -44,6 +44,7 @@ def make_run(folder: Path, base_spec: str, data: Path, seed: int = 0, b_std: flo
     base = models.resolve_base(base_spec)
     model = models.load_model(base)
     options = {"r": 4, "lora_alpha": 8, "target_modules": LINEAR, **lora}
+    torch.manual_seed(seed)  # lora_A is initialised from the global RNG: same adapter whatever ran before
     tuned = get_peft_model(model, LoraConfig(**options))
     generator = torch.Generator().manual_seed(seed)
     for name, param in tuned.named_parameters():
@@ -175,7 +176,11 @@ def test_merged_folder_is_the_adapted_model(tiny_export):
     merged = AutoModelForCausalLM.from_pretrained(tiny_export / paths.MERGED_DIR, torch_dtype=torch.float32).eval()
     ids = torch.tensor([[1, 9690, 198, 28120, 905, 2, 198]])
     with torch.no_grad():
-        assert torch.allclose(tuned(ids).logits, merged(ids).logits, atol=5e-3)
+        adapted, from_folder = tuned(ids).logits, merged(ids).logits
+        with tuned.disable_adapter():
+            plain = tuned(ids).logits
+    # merged/ is stored in fp16: it must sit far closer to the adapted model than the adapter's own effect.
+    assert (adapted - from_folder).abs().max() < 0.05 * (adapted - plain).abs().max()
     assert (tiny_export / paths.MERGED_DIR / "tokenizer.json").is_file()
 
 

@@ -36,7 +36,10 @@ def _peft(tiny_base, seed: int = 0, **lora):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_base, smol_tokenizer):
     """base.gguf + adapter.gguf + merged.gguf of the tiny model, and the PyTorch references."""
+    import torch
+
     folder = tmp_path_factory.mktemp("gguf")
+    torch.manual_seed(0)  # LoRA init uses the global RNG: same adapter whatever ran before
     tuned = _peft(tiny_base)
     tuned.save_pretrained(folder / "adapter")
     base = models.load_model(models.resolve_base(str(tiny_base)))

@@ -84,6 +84,18 @@ def test_split_is_deterministic_and_depends_on_seed(tmp_path, corpus_csv, tiny_b
     assert info["counts"]["tasks"] == {"title": 30, "continuation": 0}
 
 
+def test_no_eval_split_still_writes_an_empty_dataset(corpus_csv, tiny_base, tmp_path):
+    from datasets import load_from_disk
+
+    out = tmp_path / "no-eval"
+    assert run_prepare(corpus_csv, out, tiny_base, "--max-tokens", "256", "--eval-fraction", "0") == 0
+    assert json.loads((out / "prepare.json").read_text())["counts"]["pieces_per_split"] == {"train": 27, "eval": 0, "test": 3}
+    assert (out / "eval.jsonl").read_text() == ""
+    empty = load_from_disk(str(out / "eval_dataset"))
+    assert (empty.num_rows, sorted(empty.column_names)) == (0, sorted(["id", "piece", "title", "group", "split", "task",
+                                                                       "system", "prompt", "completion"]))
+
+
 def test_sentences():
     text = 'He said, "Go." Then Mr. Lee left! Was it 3 p.m.? 4 more. lower case stays.'
     assert sentences(text) == ['He said, "Go."', "Then Mr. Lee left!", "Was it 3 p.m.?", "4 more. lower case stays."]

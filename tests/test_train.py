@@ -129,11 +129,13 @@ def test_packed_records_do_not_attend_to_each_other(smol_tokenizer, tiny_base):
 
 def test_chunked_head_loss_equals_full_logits_cross_entropy(smol_tokenizer, tiny_base):
     """Logits only at completion positions, applied in chunks: same loss and LoRA gradients."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from pastiche.loop import HeadCrossEntropy, completion_loss, fusable_head
 
+    torch.manual_seed(0)  # LoRA init uses the global RNG: same weights whatever ran before
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
                            LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
                                       init_lora_weights=False, lora_dropout=0.0))
@@ -166,7 +168,9 @@ def F_cross_entropy(logits, targets):
 def torch_allclose(a, b) -> bool:
     import torch
 
-    return torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    # Summation order differs between the chunked and the full head: near-zero entries carry noise
+    # relative to the gradient's scale, not to themselves.
+    return torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
 
 
 # ---- whole runs ------------------------------------------------------------------------------
@@ -176,7 +180,8 @@ def test_run_folder_has_exactly_the_contract_files(tiny_run):
 
     from pastiche import models
 
-    assert {p.name for p in tiny_run.iterdir()} == RUN_FILES
+    # evaluate and export add eval/ and export/ to the same (session-shared) run folder later.
+    assert {p.name for p in tiny_run.iterdir()} - {paths.EVAL_DIR, paths.EXPORT_DIR} == RUN_FILES
     assert {p.name for p in (tiny_run / paths.ADAPTER_DIR).iterdir()} == {"adapter_config.json",
                                                                            "adapter_model.safetensors"}
     state = json.loads((tiny_run / paths.STATE_JSON).read_text())
