@@ -87,7 +87,7 @@ class TrainConfig:
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
     target_modules: list[str] = opt(["all-linear"], "Modules that get adapters ('all-linear' or names such as q_proj v_proj).")
     qlora: bool = opt(False, "Load the base in 4-bit (bitsandbytes, CUDA only).")
-    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    learning_rate: float = opt(5e-4, "Peak learning rate.")
     lr_scheduler: str = opt("cosine", "Learning-rate schedule.", choices=["cosine", "linear", "constant", "constant_with_warmup"])
     warmup_ratio: float = opt(0.05, "Share of steps spent warming up the learning rate.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
@@ -143,6 +143,7 @@ class EvaluateConfig:
     run: str = opt("", "Run folder written by `pastiche train`.", positional=True)
     out: str | None = opt(None, "Report folder (default: RUN/eval).")
     samples_per_prompt: int = opt(1, "Samples per test prompt, for base and tuned alike.")
+    max_samples_per_prompt: int = opt(4, "While the tuned or base samples hold fewer than --min-words words, sample the test prompts again, up to this many times each.")
     min_words: int = opt(2500, "Words of samples (and of test text) needed for a reliable Cosine Delta.")
     mfw: int = opt(150, "Most frequent words used by Cosine Delta.")
     drop_pronouns: bool = opt(False, "Leave pronouns out of the MFW list.")
@@ -156,7 +157,9 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.run), "run", "a run folder")
-        _positive(self, "samples_per_prompt", "min_words", "mfw", "bootstrap", "max_new_tokens")
+        _positive(self, "samples_per_prompt", "max_samples_per_prompt", "min_words", "mfw", "bootstrap", "max_new_tokens")
+        _check(self.max_samples_per_prompt >= self.samples_per_prompt, "max_samples_per_prompt",
+               f"a number no smaller than --samples-per-prompt ({self.samples_per_prompt})")
 
 
 @dataclass

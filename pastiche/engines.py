@@ -78,11 +78,15 @@ class TorchGenerator(Generator):
         return [t.completion(s) for t, s in zip(trackers, seconds)]
 
     def completion_nll(self, pairs: list[tuple[list[int], list[int]]], batch_size: int = 4) -> list[tuple[float, int]]:
-        """(summed negative log-likelihood, token count) of each completion given its prompt."""
+        """(summed negative log-likelihood, token count) of each completion given its prompt.
+
+        Pairs are batched in length order (little padding) and answered in the given order."""
         torch = self._torch
-        results = []
-        for start in range(0, len(pairs), batch_size):
-            batch = pairs[start:start + batch_size]
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        results: list = [None] * len(pairs)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = [pairs[i] for i in rows]
             width = max(len(p) + len(c) for p, c in batch)
             ids = torch.tensor([p + c + [0] * (width - len(p) - len(c)) for p, c in batch], device=self.device)
             mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in batch],
@@ -92,7 +96,7 @@ class TorchGenerator(Generator):
             for row, (p, c) in enumerate(batch):
                 scores = logits[row, len(p) - 1:len(p) + len(c) - 1].float().log_softmax(-1)
                 target = torch.tensor(c, device=self.device)[:, None]
-                results.append((-float(scores.gather(1, target).sum()), len(c)))
+                results[rows[row]] = (-float(scores.gather(1, target).sum()), len(c))
         return results
 
     @contextlib.contextmanager

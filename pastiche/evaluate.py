@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pastiche.errors import PasticheError
 TRAIN_PPL_RECORDS = 64  # train-split perplexity on a fixed random subset: it only has to show overfitting
 COPY_FLAG_RATIO = 2.0  # flag samples that copy more than twice the author's own overlap with training text
 COPY_FLAG_FLOOR = 0.01  # ...and more than 1% of their 8-grams (an author with no overlap flags any copy)
+SEED_STRIDE = 100_003  # each extra sampling round of the test prompts starts its seeds this far on
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -91,25 +93,56 @@ def perplexities(tuned, base, splits: dict[str, list[dict]], seed: int) -> dict:
     return out
 
 
-def sample_all(tuned, base, requests: list[list[dict]], negatives: list[list[dict]], cfg: EvaluateConfig) -> dict:
-    """Tuned and base samples for the test prompts (same seeds), base samples for train prompts."""
+def sample_all(tuned, base, requests: list[list[dict]], negatives: list[list[dict]], cfg: EvaluateConfig,
+               top_up: bool = True) -> dict:
+    """Tuned and base samples for the test prompts (same seeds), base samples for train prompts.
+
+    The test prompts are sampled ``samples_per_prompt`` times, then again (new seeds, tuned and
+    base alike) while either bag is short of ``min_words`` for Cosine Delta, up to
+    ``max_samples_per_prompt`` rounds: a base model that answers briefly still gets a full bag.
+    No extra rounds when ``top_up`` is false (the test pieces are too short for Delta anyway).
+    """
     from pastiche.generate import SamplingParams
 
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    repeated = [m for m in requests for _ in range(cfg.samples_per_prompt)]
-    out, timing = {}, {}
-    for name, generator, batch in (("tuned", tuned, repeated), ("base", base, repeated),
-                                   ("base_other", base, negatives)):
+    out = {"tuned": [], "base": [], "base_other": [], "requests": []}
+    timing = {name: {"samples": 0, "tokens": 0, "seconds": 0.0} for name in out if name != "requests"}
+
+    def draw(name: str, generator, batch: list[list[dict]], seed: int) -> None:
         start = time.perf_counter()
         print(f"pastiche evaluate: sampling {len(batch)} {name} pieces with {generator.name}", flush=True)
-        out[name] = generator.generate_batch(batch, params)
-        seconds = time.perf_counter() - start
-        tokens = sum(c.completion_tokens for c in out[name])
-        timing[name] = {"samples": len(batch), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+        out[name] += generator.generate_batch(batch, replace(params, seed=seed))
+        timing[name]["seconds"] += time.perf_counter() - start
+        timing[name]["samples"] = len(out[name])
+        timing[name]["tokens"] = sum(c.completion_tokens for c in out[name])
+
+    def words(name: str) -> int:
+        return sum(len(style.words(c.text)) for c in out[name])
+
+    rounds, per_round = 0, cfg.samples_per_prompt
+
+    def short() -> bool:
+        return top_up and rounds < cfg.max_samples_per_prompt and min(words("tuned"), words("base")) < cfg.min_words
+
+    while rounds == 0 or short():
+        per_round = min(per_round, cfg.max_samples_per_prompt - rounds)
+        batch = [m for m in requests for _ in range(per_round)]
+        seed = cfg.seed + rounds * SEED_STRIDE
+        for name, generator in (("tuned", tuned), ("base", base)):
+            draw(name, generator, batch, seed)
+        out["requests"] += batch
+        rounds, per_round = rounds + per_round, 1
+        if short():
+            print(f"pastiche evaluate: {words('tuned'):,} tuned and {words('base'):,} base words so far; "
+                  f"Cosine Delta needs {cfg.min_words:,} each, sampling the test prompts again", flush=True)
+    draw("base_other", base, negatives[:len(out["requests"])], cfg.seed)
+    for entry in timing.values():
+        entry["tokens_per_s"] = entry["tokens"] / entry["seconds"] if entry["seconds"] else 0.0
     out["timing"] = timing
     out["params"] = {k: getattr(params, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty",
                                                      "max_new_tokens", "seed")}
+    out["samples_per_prompt"] = rounds
     return out
 
 
@@ -122,7 +155,7 @@ def delta_section(texts: dict[str, list[str]], cfg: EvaluateConfig) -> dict:
     if short:
         reason = "; ".join(f"{name} has {counts[name]} words" for name in short)
         remedy = ("a larger --test-fraction in `pastiche prepare`" if "test" in short
-                  else "more samples with --samples-per-prompt")
+                  else "more samples with --max-samples-per-prompt")
         return {**section, "measured": False,
                 "reason": f"not measured: Cosine Delta needs at least {cfg.min_words} words per bag ({reason}); "
                           f"give it {remedy}."}
@@ -160,7 +193,8 @@ def build_report(cfg: EvaluateConfig, run: Path, data: Path, splits: dict, sampl
     report = {
         "run": str(run.resolve()), "data": str(data.resolve()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": to_dict(cfg),
-        "sampling": {"backend": sampled["backend"], "params": sampled["params"], **sampled["timing"]},
+        "sampling": {"backend": sampled["backend"], "params": sampled["params"],
+                     "samples_per_prompt": sampled["samples_per_prompt"], **sampled["timing"]},
         "perplexity": ppl,
         "delta": delta_section({k: texts[k] for k in ("tuned", "base", "test", "train", "base_other")}, cfg),
         "copying": copying,
@@ -190,16 +224,16 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     ppl = perplexities(tuned, base, splits, cfg.seed)
     requests = requests_for(splits["test"])
     negatives = requests_for(splits["train"])
-    negatives = random.Random(cfg.seed).sample(negatives, min(len(negatives), len(requests) * cfg.samples_per_prompt))
+    negatives = random.Random(cfg.seed).sample(negatives, min(len(negatives), len(requests) * cfg.max_samples_per_prompt))
     backend = cfg.backend
     if backend == "auto":  # once exported, sample what users will run, with the faster CPU engine
         backend = "llama.cpp" if (run / paths.EXPORT_DIR / paths.EXPORT_JSON).is_file() else "torch"
     if backend == "llama.cpp":
         tuned = load_generator(run, "llama.cpp")
         base = tuned.variant(False)
-    sampled = sample_all(tuned, base, requests, negatives, cfg)
+    test_words = sum(len(style.words(t)) for t in piece_texts(splits["test"]))
+    sampled = sample_all(tuned, base, requests, negatives, cfg, top_up=test_words >= cfg.min_words)
     sampled["backend"] = backend
-    sampled["requests"] = [m for m in requests for _ in range(cfg.samples_per_prompt)]
     report, _ = build_report(cfg, run, data, splits, sampled, ppl)
     with paths.atomic_dir(out, force=True) as tmp:
         (tmp / paths.REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")

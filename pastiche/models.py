@@ -187,12 +187,15 @@ def load_tokenizer(base: BaseModel):
     return tokenizer
 
 
-def load_model(base: BaseModel, dtype: str = "float32", device: str = "cpu", quantize_4bit: bool = False):
-    """The base as a ``transformers`` causal LM on ``device``."""
+def load_model(base: BaseModel, dtype: str = "float32", device: str = "cpu", quantize_4bit: bool = False,
+               attention: str | None = None):
+    """The base as a ``transformers`` causal LM on ``device`` (``attention``: an attn_implementation)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": getattr(torch, dtype)}
+    if attention:
+        kwargs["attn_implementation"] = attention
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 

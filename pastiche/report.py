@@ -127,8 +127,10 @@ def _plots(report: dict, metrics_file: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(5, 3))
         names = ["tuned", "base", "train"]
         values = [delta[n]["delta"] for n in names]
-        errors = [[v - delta[n]["low"] for n, v in zip(names, values)], [delta[n]["high"] - v for n, v in zip(names, values)]]
-        ax.bar(names, values, yerr=errors, capsize=6, color=["#c50", "#999", "#58a"])
+        ax.bar(names, values, color=["#c50", "#999", "#58a"])
+        # The bootstrap interval is drawn as it is: a percentile interval need not contain the point.
+        ax.vlines(range(len(names)), [delta[n]["low"] for n in names], [delta[n]["high"] for n in names],
+                  color="black", linewidth=2)
         ax.set(ylabel="Cosine Delta to test pieces", title="Style distance (95% intervals)")
         figures.append(_png(fig))
     fig, ax = plt.subplots(figsize=(6, 3))

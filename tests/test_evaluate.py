@@ -63,6 +63,16 @@ def test_html_is_self_contained(evaluated):
     assert page.count("<section class=sample>") == len(json.loads((evaluated / paths.REPORT_JSON).read_text())["samples"])
 
 
+def test_html_draws_an_interval_that_excludes_its_point(evaluated, tiny_run):
+    """A bootstrap percentile interval need not contain the point estimate; the page still renders."""
+    from pastiche import report as render
+
+    report = json.loads((evaluated / paths.REPORT_JSON).read_text())
+    report["delta"]["tuned"].update(delta=0.5, low=0.6, high=0.7)
+    page = render.html(report, tiny_run / paths.METRICS_JSONL)
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
+
+
 def test_too_little_text_is_not_a_failure(tiny_run, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate", str(tiny_run), "--out", str(out), *FAST]) == 0
@@ -71,6 +81,34 @@ def test_too_little_text_is_not_a_failure(tiny_run, tmp_path, capsys):
     assert delta["reason"].startswith("not measured: Cosine Delta needs at least 2500 words per bag (test has ")
     assert delta["reason"] in (out / paths.REPORT_MD).read_text()
     assert "Delta gap          not measured" in capsys.readouterr().out
+
+
+def test_short_samples_are_topped_up_for_delta(evaluated, tiny_run, tmp_path, capsys):
+    """Tuned and base samples of 2 tokens each never reach the test pieces' word count: the test
+    prompts are sampled again, tuned and base alike, until --max-samples-per-prompt."""
+    from pastiche import style
+    from pastiche.evaluate import piece_texts, read_jsonl
+
+    data = report_data(json.loads((evaluated / paths.REPORT_JSON).read_text()))
+    test_records = read_jsonl(data / paths.TEST_JSONL)
+    titled = [r for r in test_records if r["task"] == "title"]
+    test_words = sum(len(style.words(t)) for t in piece_texts(test_records))
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_run), "--out", str(out), "--min-words", str(test_words), "--max-new-tokens", "2",
+                 "--max-samples-per-prompt", "3", "--bootstrap", "20"]) == 0
+    report = json.loads((out / paths.REPORT_JSON).read_text())
+    assert report["sampling"]["samples_per_prompt"] == 3
+    assert report["sampling"]["tuned"]["samples"] == report["sampling"]["base"]["samples"] == 3 * len(titled)
+    assert report["sampling"]["base_other"]["samples"] <= 3 * len(titled)
+    assert len(report["samples"]) == 3 * len(titled)
+    assert report["delta"]["measured"] is False and "(tuned has " in report["delta"]["reason"]
+    assert capsys.readouterr().out.count("sampling the test prompts again") == 2
+
+
+def test_max_samples_below_samples_per_prompt_is_refused(tiny_run, capsys):
+    assert main(["evaluate", str(tiny_run), "--samples-per-prompt", "3", "--max-samples-per-prompt", "2"]) == 2
+    assert capsys.readouterr().err == ("pastiche evaluate: error: --max-samples-per-prompt must be a number no smaller "
+                                       "than --samples-per-prompt (3).\n")
 
 
 def test_run_without_adapter_exits_2(tiny_run, tmp_path, capsys):

@@ -108,11 +108,12 @@ def test_token_budget_batches_cover_every_record_once_and_shuffle_per_epoch():
     assert list(sampler) == first
 
 
-def test_packed_records_do_not_attend_to_each_other(smol_tokenizer, tiny_base):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager is what CPU training uses
+def test_packed_records_do_not_attend_to_each_other(smol_tokenizer, tiny_base, attention):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation=attention).eval()
     examples = [encode(smol_tokenizer, {"prompt": p, "completion": c}) for p, c in TOY[:3]]
     rows = pack(examples, row_tokens=sum(map(len, examples)))
     assert len(rows) == 1
@@ -157,6 +158,24 @@ def test_chunked_head_loss_equals_full_logits_cross_entropy(smol_tokenizer, tiny
     assert abs(loss.item() - expected.item()) < 1e-3 * expected.item()
     for ref, p in zip(reference, (p for p in model.parameters() if p.requires_grad)):
         assert torch_allclose(ref, p.grad)
+
+
+def test_eager_and_sdpa_attention_give_the_same_loss_on_padded_batches(smol_tokenizer, tiny_base):
+    """CPU training uses eager attention: same completion loss as SDPA with right padding."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pastiche.loop import completion_loss
+
+    batch = Collator(smol_tokenizer.pad_token_id)([encode(smol_tokenizer, {"prompt": p, "completion": c * (i + 1)})
+                                                   for i, (p, c) in enumerate(TOY)])
+    assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # rows really are padded
+    losses = {}
+    for attention in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation=attention).eval()
+        with torch.no_grad():
+            losses[attention] = completion_loss(model, batch)[0].item()
+    assert abs(losses["sdpa"] - losses["eager"]) < 1e-4 * losses["sdpa"]
 
 
 def F_cross_entropy(logits, targets):
