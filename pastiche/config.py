@@ -145,7 +145,7 @@ class EvaluateConfig:
     run: str = opt("", "Run folder written by `pastiche train`.", positional=True)
     out: str | None = opt(None, "Report folder (default: RUN/eval).")
     samples_per_prompt: int = opt(1, "Samples per test prompt, for base and tuned alike.")
-    max_samples_per_prompt: int = opt(4, "While the tuned or base samples hold fewer than --min-words words, sample the test prompts again, up to this many times each.")
+    max_samples_per_prompt: int = opt(8, "While the tuned or base samples hold fewer than --min-words words, sample the test prompts again for them, up to this many times each.")
     min_words: int = opt(2500, "Words of samples (and of test text) needed for a reliable Cosine Delta.")
     mfw: int = opt(150, "Most frequent words used by Cosine Delta.")
     drop_pronouns: bool = opt(False, "Leave pronouns out of the MFW list.")

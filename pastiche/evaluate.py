@@ -97,9 +97,10 @@ def sample_all(tuned, base, requests: list[list[dict]], negatives: list[list[dic
                top_up: bool = True) -> dict:
     """Tuned and base samples for the test prompts (same seeds), base samples for train prompts.
 
-    The test prompts are sampled ``samples_per_prompt`` times, then again (new seeds, tuned and
-    base alike) while either bag is short of ``min_words`` for Cosine Delta, up to
+    The test prompts are sampled ``samples_per_prompt`` times, then again (new seeds) for the
+    tuned or base bag while it is short of ``min_words`` for Cosine Delta, up to
     ``max_samples_per_prompt`` rounds: a base model that answers briefly still gets a full bag.
+    Round k uses the same seeds for tuned and base, so their first samples stay paired.
     No extra rounds when ``top_up`` is false (the test pieces are too short for Delta anyway).
     """
     from pastiche.generate import SamplingParams
@@ -130,13 +131,14 @@ def sample_all(tuned, base, requests: list[list[dict]], negatives: list[list[dic
         batch = [m for m in requests for _ in range(per_round)]
         seed = cfg.seed + rounds * SEED_STRIDE
         for name, generator in (("tuned", tuned), ("base", base)):
-            draw(name, generator, batch, seed)
+            if rounds == 0 or words(name) < cfg.min_words:  # only a short bag is sampled again
+                draw(name, generator, batch, seed)
         out["requests"] += batch
         rounds, per_round = rounds + per_round, 1
         if short():
             print(f"pastiche evaluate: {words('tuned'):,} tuned and {words('base'):,} base words so far; "
                   f"Cosine Delta needs {cfg.min_words:,} each, sampling the test prompts again", flush=True)
-    draw("base_other", base, negatives[:len(out["requests"])], cfg.seed)
+    draw("base_other", base, negatives[:len(out["base"])], cfg.seed)
     for entry in timing.values():
         entry["tokens_per_s"] = entry["tokens"] / entry["seconds"] if entry["seconds"] else 0.0
     out["timing"] = timing
