@@ -278,15 +278,21 @@ async def chat_completions(body: api.ChatCompletionRequest, request: Request):
     messages = chat_messages(body.messages)
     name, chunks = prepare(request, body.model, messages, None, "messages", body.stream,
                            **_openai_sampling(body, body.max_completion_tokens or body.max_tokens))
-    cid = api.completion_id("chatcmpl")
+    return await _openai_response(request, body, chunks, api.completion_id("chatcmpl"), name, _chat_events,
+                                  lambda cid, text, last: api.chat_completion(
+                                      cid, name, text, last.finish_reason, last.prompt_tokens, last.completion_tokens))
+
+
+async def _openai_response(request: Request, body, chunks, cid: str, name: str, events, whole):
+    """An SSE stream of ``events`` when the body asks for one, else ``whole(cid, text, last chunk)``."""
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse_response(_chat_events(chunks, cid, name, usage))
+        return _sse_response(events(chunks, cid, name, usage))
     result = await collect(request, chunks)
     if result is None:
         return Response(status_code=499)
     text, last = result
-    return api.chat_completion(cid, name, text, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+    return whole(cid, text, last)
 
 
 async def _chat_events(chunks, cid: str, name: str, include_usage: bool) -> AsyncIterator[str]:
@@ -307,15 +313,9 @@ async def completions(body: api.CompletionRequest, request: Request):
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     name, chunks = prepare(request, body.model, None, prompt, "prompt", body.stream,
                            **_openai_sampling(body, body.max_tokens))
-    cid = api.completion_id("cmpl")
-    if body.stream:
-        usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse_response(_completion_events(chunks, cid, name, usage))
-    result = await collect(request, chunks)
-    if result is None:
-        return Response(status_code=499)
-    text, last = result
-    return api.text_completion(cid, name, text, last.finish_reason, (last.prompt_tokens, last.completion_tokens))
+    return await _openai_response(request, body, chunks, api.completion_id("cmpl"), name, _completion_events,
+                                  lambda cid, text, last: api.text_completion(
+                                      cid, name, text, last.finish_reason, (last.prompt_tokens, last.completion_tokens)))
 
 
 async def _completion_events(chunks, cid: str, name: str, include_usage: bool) -> AsyncIterator[str]:
