@@ -95,13 +95,15 @@ def pastiche_side(prepared: Path, bf16: bool) -> dict:
     from pastiche.config import TrainConfig
     from pastiche.train import train
 
+    peaks = [matmul_peak(bf16)]  # before and after training, in the process that trains
     cfg = TrainConfig(data=str(prepared), base="embedded", runs_dir=str(prepared.parent / "runs"), epochs=1.0,
                       lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
                       target_modules=LORA["target_modules"], eval_steps=10_000, save_steps=10_000,
                       precision="bf16" if bf16 else "fp32", device="cpu")
     state = json.loads((train(cfg) / "state.json").read_text())
+    peaks.append(matmul_peak(bf16))
     return {"useful_tokens": state["useful_tokens"], "seconds": state["useful_tokens"] / state["tokens_per_second"],
-            "flops": pastiche_flops(prepared)}
+            "flops": pastiche_flops(prepared), "peaks": peaks}
 
 
 def trl_side(prepared: Path, bf16: bool) -> dict:
@@ -148,7 +150,7 @@ def pastiche_flops(prepared: Path) -> float:
     return total
 
 
-def matmul_peak(bf16: bool, size: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(bf16: bool, size: int = 2048, repeats: int = 10) -> float:
     import torch
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -211,10 +213,14 @@ def main() -> None:
             for name, label in (("seed", "seed recipe"), ("trl", "TRL")):
                 if name in results:
                     print(f"ratio vs {label}: {p['tokens_per_second'] / results[name]['tokens_per_second']:.2f}")
-            peak = matmul_peak(bf16)
+            # This machine's speed drifts (matmul peaks of 400-880 GFLOP/s were seen minutes apart):
+            # the highest of three measurements is the conservative denominator.
+            peaks = p["peaks"] + [matmul_peak(bf16)]
+            peak = max(peaks)
             achieved = p["flops"] / p["seconds"]
             print(f"pastiche achieved {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the measured "
-                  f"{precision} matmul peak ({peak / 1e9:.1f} GFLOP/s)")
+                  f"{precision} matmul peak ({peak / 1e9:.1f} GFLOP/s; the highest of "
+                  f"{', '.join(f'{x / 1e9:.0f}' for x in peaks)} measured before, after and in the parent)")
             print(f"pastiche peak RSS: {p['peak_rss_gb']:.2f} GB")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -88,23 +88,26 @@ class HeadCrossEntropy(torch.autograd.Function):
     and nothing is recomputed. The frozen ``weight`` gets no gradient.
     """
 
-    CHUNK = 1024
+    CHUNK = 256  # rows of logits at a time: 48 MB of fp32 for a 49,152-word vocabulary
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        # The Trainer's autocast wraps only the model's forward, so it is off here: compute in the
+        # precision the frozen head is stored in (bf16 when training in bf16), not in fp32.
+        low = (torch.bfloat16, torch.float16)
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
+            weight.dtype if weight.dtype in low else hidden.dtype
         w = weight.to(dtype)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], HeadCrossEntropy.CHUNK):
             h, t = hidden[start:start + HeadCrossEntropy.CHUNK].to(dtype), targets[start:start + HeadCrossEntropy.CHUNK]
-            logits = (h @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            log_probs = torch.log_softmax((h @ w.t()).float(), dim=-1)
+            total -= log_probs.gather(1, t[:, None]).sum()
             if want_grad:  # d loss / d logits = softmax - one_hot
-                probs = logits.sub_(lse[:, None]).exp_()
+                probs = log_probs.exp_()
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad[start:start + len(t)] = (probs.to(dtype) @ w).to(hidden.dtype)
         ctx.save_for_backward(grad)
@@ -204,6 +207,15 @@ class BestAdapter(TrainerCallback):
             return
         if state.is_world_process_zero:
             save_adapter(model, self.adapter_dir)
+
+
+class NoFinalCheckpoint(TrainerCallback):
+    """The Trainer checkpoints after the last step; a finished run deletes its checkpoints, so skip it."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and state.global_step % max(args.save_steps, 1) != 0:
+            control.should_save = False
+        return control
 
 
 def save_adapter(model, adapter_dir: Path) -> None:

@@ -218,15 +218,17 @@ def build_model(cfg: TrainConfig, base: models.BaseModel, device: str, precision
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
+    from pastiche import fastpath
+
     set_seed(cfg.seed)  # LoRA's A matrices are drawn at random
     # The frozen base is stored in the training precision (fp16 only on CUDA, where a GradScaler
     # handles it): autocast then has no weights to cast each step and the base takes half the
     # memory. The LoRA weights stay fp32 (PEFT upcasts them).
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
-    # On CPU the plain (eager) attention trains faster than SDPA's CPU kernels for these short
-    # rows: `benchmarks/train_throughput.py --sides pastiche` gave 440-495 useful tokens/s eager
-    # vs 378-401 with SDPA (peak RSS 2.9 vs 2.5 GB).
-    attention = "eager" if device == "cpu" else None
+    # On CPU, SDPA's kernels train slower than the plain (eager) attention for these short rows
+    # (`benchmarks/train_throughput.py --sides pastiche`: 378-401 vs 440-495 useful tokens/s),
+    # and our grouped attention (pastiche/fastpath.py) is faster than both.
+    attention = fastpath.register_attention() if device == "cpu" else None
     model = models.load_model(base, dtype=dtype, device="cpu", quantize_4bit=cfg.qlora, attention=attention)
     if cfg.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
@@ -238,6 +240,9 @@ def build_model(cfg: TrainConfig, base: models.BaseModel, device: str, precision
     except ValueError as exc:
         raise PasticheError(f"--target-modules: {exc}") from exc
     model.config.use_cache = False
+    if device == "cpu":
+        fastpath.speed_up(model)  # cheaper dropout masks and RMSNorm; see pastiche/fastpath.py
+        fastpath.reuse_freed_memory()  # fewer page faults per step
     return model
 
 
@@ -279,7 +284,8 @@ def fit(cfg: TrainConfig, base: models.BaseModel, run: Path, device: str, precis
     train_set, eval_set = load_examples(cfg, tokenizer)
     log(f"{len(train_set)} training rows ({sum(map(len, train_set))} tokens), {len(eval_set)} eval records")
     model = build_model(cfg, base, device, precision)
-    callbacks = [loop.RunLog(run / paths.METRICS_JSONL, log), loop.BestAdapter(run / paths.ADAPTER_DIR)]
+    callbacks = [loop.RunLog(run / paths.METRICS_JSONL, log), loop.BestAdapter(run / paths.ADAPTER_DIR),
+                 loop.NoFinalCheckpoint()]
     if eval_set and cfg.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping))
     trainer = loop.CompletionTrainer(

@@ -108,11 +108,14 @@ def test_token_budget_batches_cover_every_record_once_and_shuffle_per_epoch():
     assert list(sampler) == first
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager is what CPU training uses
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "pastiche"])  # pastiche's is what CPU training uses
 def test_packed_records_do_not_attend_to_each_other(smol_tokenizer, tiny_base, attention):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pastiche import fastpath
+
+    fastpath.register_attention()
     model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation=attention).eval()
     examples = [encode(smol_tokenizer, {"prompt": p, "completion": c}) for p, c in TOY[:3]]
     rows = pack(examples, row_tokens=sum(map(len, examples)))
@@ -160,22 +163,33 @@ def test_chunked_head_loss_equals_full_logits_cross_entropy(smol_tokenizer, tiny
         assert torch_allclose(ref, p.grad)
 
 
-def test_eager_and_sdpa_attention_give_the_same_loss_on_padded_batches(smol_tokenizer, tiny_base):
-    """CPU training uses eager attention: same completion loss as SDPA with right padding."""
+def test_attention_implementations_give_the_same_loss_and_gradients_on_padded_batches(smol_tokenizer, tiny_base):
+    """CPU training uses pastiche's grouped attention: same completion loss and LoRA gradients as
+    SDPA and eager with right padding."""
     import torch
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from pastiche import fastpath
     from pastiche.loop import completion_loss
 
+    fastpath.register_attention()
     batch = Collator(smol_tokenizer.pad_token_id)([encode(smol_tokenizer, {"prompt": p, "completion": c * (i + 1)})
                                                    for i, (p, c) in enumerate(TOY)])
     assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # rows really are padded
-    losses = {}
-    for attention in ("sdpa", "eager"):
-        model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation=attention).eval()
-        with torch.no_grad():
-            losses[attention] = completion_loss(model, batch)[0].item()
-    assert abs(losses["sdpa"] - losses["eager"]) < 1e-4 * losses["sdpa"]
+    losses, grads = {}, {}
+    for attention in ("sdpa", "eager", "pastiche"):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation=attention),
+                               LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "k_proj", "v_proj"],
+                                          init_lora_weights=False, lora_dropout=0.0))
+        loss = completion_loss(model, batch)[0]
+        loss.backward()
+        losses[attention] = loss.item()
+        grads[attention] = [p.grad for p in model.parameters() if p.requires_grad]
+    for attention in ("eager", "pastiche"):
+        assert abs(losses["sdpa"] - losses[attention]) < 1e-4 * losses["sdpa"]
+        assert all(torch_allclose(a, b) for a, b in zip(grads["sdpa"], grads[attention]))
 
 
 def F_cross_entropy(logits, targets):
