@@ -8,8 +8,12 @@ memory. ``torch.profiler`` on one step of `benchmarks/train_throughput.py` showe
   Bernoulli sample per element (``bernoulli_``: ~2 ms for 900 x 576) and autocast casts the
   result back to bf16. ``KeepMaskDropout`` draws four 16-bit integers per 64-bit random number
   and keeps the input in bf16 (autocast casts the LoRA weights, once per step).
+* PEFT's LoRA forward scales and adds [tokens x out_features] tensors; ``lora_forward``
+  scales the rank-r intermediate and adds through ``addmm``.
 * Llama's RMSNorm: eight forward and about a dozen backward ops in fp32. ``rms_norm`` does the
   same fp32 arithmetic in one forward and one backward formula.
+* Eager attention repeats keys and values for grouped-query heads and runs its softmax as
+  several passes; ``grouped_attention`` does neither (registered as ``attn_implementation='pastiche'``).
 
 The same model trained without these swaps gets the same loss up to bf16 rounding (tested);
 nothing here changes what is saved: dropout modules and norms hold the same parameters.
@@ -33,13 +37,19 @@ class KeepMaskDropout(torch.nn.Module):
         self.scale = RANGE / (RANGE - dropped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masked, scale = self.masked(x)
+        return masked if scale == 1.0 else masked * scale
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x with dropped entries zeroed, the scale still to apply): a linear layer after the
+        dropout can apply the scale to its (much smaller) output instead."""
         if not self.training or self.p == 0.0:
-            return x
+            return x, 1.0
         n = x.numel()
         # random_(-2**63, None) fills all 64 bits; each holds four independent int16 values.
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return torch.where(keep, x * self.scale, 0)
+        return torch.where(keep, x, 0), self.scale
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -146,6 +156,35 @@ def register_attention() -> str:
     return "pastiche"
 
 
+def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT LoRA Linear's forward for one plain adapter: base(x) + (A(drop(x)) * s) B^T as one addmm.
+
+    PEFT computes ``result + lora_B(lora_A(dropout(x))) * scaling``: the scaling multiplies and the
+    sum adds a [tokens x out_features] tensor. Scaling the rank-r intermediate instead (with the
+    dropout's 1/(1-p) folded in) and adding through ``addmm`` computes the same sum with neither
+    pass. Anything else (merged, disabled, several or mixed adapters, DoRA and other variants,
+    LoRA bias, non-Linear bases) goes through PEFT's own forward.
+    """
+    active = layer.active_adapters
+    plain = (len(active) == 1 and not layer.disable_adapters and not layer.merged and not layer.lora_variant
+             and "adapter_names" not in kwargs and not args and not kwargs
+             and isinstance(layer.get_base_layer(), torch.nn.Linear) and active[0] in layer.lora_A
+             and (torch.is_autocast_enabled(x.device.type) or x.dtype == layer.lora_A[active[0]].weight.dtype))
+    if not plain or layer.lora_B[active[0]].bias is not None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    name = active[0]
+    result = layer.base_layer(x)
+    dropout = layer.lora_dropout[name]
+    if isinstance(dropout, KeepMaskDropout):
+        x, scale = dropout.masked(x)
+    else:
+        x, scale = dropout(x), 1.0
+    low_rank = torch.nn.functional.linear(x, layer.lora_A[name].weight) * (layer.scaling[name] * scale)
+    flat = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]),
+                       layer.lora_B[name].weight.t())
+    return flat.view(result.shape)
+
+
 def reuse_freed_memory(limit_mb: int = 256) -> bool:
     """Ask glibc to serve allocations up to ``limit_mb`` from its heap and keep freed memory.
 
@@ -175,7 +214,9 @@ def speed_up(model) -> dict:
 
     from peft.tuners.lora import LoraLayer
 
-    swapped = {"dropout": 0, "rms_norm": 0}
+    from peft.tuners.lora import Linear as LoraLinear
+
+    swapped = {"dropout": 0, "rms_norm": 0, "lora_forward": 0}
     for module in model.modules():
         if isinstance(module, LoraLayer):
             # Under autocast the LoRA matmuls run in bf16 anyway; PEFT's cast to fp32 is a round trip.
@@ -184,6 +225,9 @@ def speed_up(model) -> dict:
                 if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
                     module.lora_dropout[name] = KeepMaskDropout(dropout.p)
                     swapped["dropout"] += 1
+            if type(module) is LoraLinear:
+                module.forward = types.MethodType(lora_forward, module)
+                swapped["lora_forward"] += 1
         elif type(module).__name__ in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm") and \
                 hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(rms_norm, module)

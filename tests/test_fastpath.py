@@ -87,7 +87,7 @@ def test_speed_up_swaps_dropout_and_norms_and_keeps_loss_and_gradients(tiny_base
         keys = set(model.state_dict())
         if swap:
             # 2 layers x 7 projections; 2 x 2 layer norms + the final norm.
-            assert fastpath.speed_up(model) == {"dropout": 14, "rms_norm": 5}
+            assert fastpath.speed_up(model) == {"dropout": 14, "rms_norm": 5, "lora_forward": 14}
             assert set(model.state_dict()) == keys
         model.eval()  # dropout off: the two models must then compute the same thing
         loss = completion_loss(model, batch)[0]
@@ -97,6 +97,41 @@ def test_speed_up_swaps_dropout_and_norms_and_keeps_loss_and_gradients(tiny_base
     assert abs(plain_loss - fast_loss) < 1e-5 * plain_loss
     for a, b in zip(plain_grads, fast_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_lora_forward_equals_peft_with_the_same_dropout_draws(dropout):
+    """base(x) + (A(drop(x)) * s) B^T through addmm == PEFT's base(x) + B(A(drop(x))) * s."""
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(24, 40)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=12, target_modules=["proj"], lora_dropout=dropout,
+                                             init_lora_weights=False))
+    peft_layer = model.base_model.model.proj
+    assert fastpath.speed_up(model)["lora_forward"] == 1
+    model.train()
+    x = torch.randn(3, 5, 24)
+    results = []
+    for forward in (type(peft_layer).forward, fastpath.lora_forward):  # PEFT's, then ours
+        torch.manual_seed(7)  # the same dropout draws for both
+        model.zero_grad()
+        out = forward(peft_layer, x)
+        (out * torch.arange(out.numel()).view(out.shape).sin()).sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert (results[0][0] != 0).all() and results[0][0].shape == (3, 5, 40)
+    for ours, theirs in zip(results[1], results[0]):  # fp32 sums in another order
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6 * float(theirs.abs().max()))
+    # With the adapter disabled the layer is the base alone (PEFT's own path).
+    with model.disable_adapter():
+        assert torch.allclose(peft_layer(x), peft_layer.base_layer(x))
 
 
 def eager_reference(q, k, v, keep):
