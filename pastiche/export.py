@@ -221,7 +221,7 @@ def main(cfg: ExportConfig) -> int:
     for key in checks.get("checked", []):
         c = checks[key]
         print(f"verified {key}: KL {c['kl']:.2e}/token, top-1 {c['top1']:.3f}, NLL {c['nll_gguf']:.4f} "
-              f"(PyTorch {c['nll_torch']:.4f}), greedy {'equal' if c['greedy_match'] else 'differs'}")
+              f"(PyTorch {c['nll_torch']:.4f}), greedy {gguf_verify.greedy_summary(c)}")
     record = json.loads((out / paths.EXPORT_JSON).read_text())
     record["ollama"] = create_in_ollama(out, ollama_name(cfg))
     (out / paths.EXPORT_JSON).write_text(json.dumps(record, indent=2))

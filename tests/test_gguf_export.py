@@ -137,6 +137,26 @@ def test_an_unpermuted_adapter_is_caught(tiny):
         f"verification failed for adapter.gguf: KL(PyTorch || llama.cpp) {wrong['kl']:.5f} per token (limit 0.00010)")
 
 
+def test_greedy_check_accepts_a_first_difference_only_at_a_near_tie():
+    """Measured on a `pastiche run`: merged.gguf with KL 1e-5 picked PyTorch's runner-up at a
+    near-tie and the 32-token greedy check failed the whole export."""
+    steps = np.log(np.full((4, 5), 0.01, dtype=np.float32))
+    steps[:, 0], steps[:, 1] = np.log(0.5), np.log(0.48)  # token 0 leads token 1 by 0.041 nats
+    steps[2, 2] = np.log(0.9)  # at step 2 token 2 leads clearly
+    ref = gguf_verify.Reference(texts=[], logprobs=[], prompt=[], greedy=[0, 0, 2, 0], greedy_logprobs=steps)
+
+    assert gguf_verify.greedy_agreement(ref, [0, 0, 2, 0]) == {"greedy_match": True, "greedy_diverged_at": None}
+    tie = gguf_verify.greedy_agreement(ref, [0, 1, 4, 4])  # differs at step 1, a near-tie; what follows is free
+    assert tie["greedy_match"] and tie["greedy_diverged_at"] == 1 and abs(tie["greedy_tie_nats"] - 0.0408) < 1e-3
+    clear = gguf_verify.greedy_agreement(ref, [0, 0, 1, 0])  # differs at step 2, where 2 leads by 0.63 nats
+    assert not clear["greedy_match"] and clear["greedy_diverged_at"] == 2
+    assert gguf_verify.greedy_summary({**clear, "greedy_match": False}) == (
+        "equal up to token 2, which differs at no tie (0.629 nats apart in PyTorch)")
+    measured = {"kl": 1e-5, "top1": 0.999, "nll_torch": 3.4894, "nll_gguf": 3.4894}
+    assert gguf_verify.judge({**measured, **tie}, quantized=False, base_kl=None)["passed"]
+    assert not gguf_verify.judge({**measured, **clear}, quantized=False, base_kl=None)["passed"]
+
+
 def test_quantized_rule_uses_the_base_noise_floor():
     measured = {"kl": 0.0058, "top1": 0.93, "nll_torch": 4.9376, "nll_gguf": 4.9343, "greedy_match": False}
     assert gguf_verify.judge(measured, quantized=True, base_kl=0.0047)["passed"]  # 0.0058 <= 1.5 * 0.0047 + 0.001
