@@ -212,9 +212,8 @@ def speed_up(model) -> dict:
     """Swap the cheaper pieces into a PEFT LoRA model trained under CPU autocast; returns counts."""
     import types
 
-    from peft.tuners.lora import LoraLayer
-
     from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
     swapped = {"dropout": 0, "rms_norm": 0, "lora_forward": 0}
     for module in model.modules():

@@ -162,6 +162,6 @@ def greedy_summary(result: dict) -> str:
     at = result.get("greedy_diverged_at")
     if at is None:
         return "equal" if result["greedy_match"] else "differ"
-    kind = "a near-tie" if result["greedy_match"] else "no tie"
-    return f"equal up to token {at}, which differs at {kind} ({result['greedy_tie_nats']:.3f} nats apart in PyTorch)"
+    return (f"equal for {at} tokens, then differ where PyTorch's log-probabilities of the two picks are "
+            f"{result['greedy_tie_nats']:.3f} nats apart")
 

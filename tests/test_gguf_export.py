@@ -151,7 +151,7 @@ def test_greedy_check_accepts_a_first_difference_only_at_a_near_tie():
     clear = gguf_verify.greedy_agreement(ref, [0, 0, 1, 0])  # differs at step 2, where 2 leads by 0.63 nats
     assert not clear["greedy_match"] and clear["greedy_diverged_at"] == 2
     assert gguf_verify.greedy_summary({**clear, "greedy_match": False}) == (
-        "equal up to token 2, which differs at no tie (0.629 nats apart in PyTorch)")
+        "equal for 2 tokens, then differ where PyTorch's log-probabilities of the two picks are 0.629 nats apart")
     measured = {"kl": 1e-5, "top1": 0.999, "nll_torch": 3.4894, "nll_gguf": 3.4894}
     assert gguf_verify.judge({**measured, **tie}, quantized=False, base_kl=None)["passed"]
     assert not gguf_verify.judge({**measured, **clear}, quantized=False, base_kl=None)["passed"]
