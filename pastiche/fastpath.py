@@ -1,4 +1,4 @@
-"""Cheaper pieces for training under bf16 autocast on a CPU, swapped into a PEFT LoRA model.
+"""Cheaper pieces for LoRA training on a CPU (bf16 autocast or fp32), swapped into a PEFT model.
 
 On a 2-core CPU the matrix products of a 135M model run near the machine's bf16 peak; what
 keeps a training step from it is the small element-wise work around them, each op a pass over
@@ -104,7 +104,7 @@ class _GroupedAttention(torch.autograd.Function):
         probs = torch.softmax(scores + mask, dim=-1).to(v.dtype).view(batch, groups, per_group * length, keys)
         out = torch.matmul(probs, v).view(batch, groups, per_group, length, dim)
         ctx.save_for_backward(qg, k, v, probs)
-        ctx.scale, ctx.heads = scale, heads
+        ctx.scale = scale
         return out.permute(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
 
     @staticmethod
@@ -209,7 +209,7 @@ def reuse_freed_memory(limit_mb: int = 256) -> bool:
 
 
 def speed_up(model) -> dict:
-    """Swap the cheaper pieces into a PEFT LoRA model trained under CPU autocast; returns counts."""
+    """Swap the cheaper pieces into a PEFT LoRA model trained on a CPU; returns what was swapped."""
     import types
 
     from peft.tuners.lora import Linear as LoraLinear

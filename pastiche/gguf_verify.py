@@ -164,4 +164,3 @@ def greedy_summary(result: dict) -> str:
         return "equal" if result["greedy_match"] else "differ"
     return (f"equal for {at} tokens, then differ where PyTorch's log-probabilities of the two picks are "
             f"{result['greedy_tie_nats']:.3f} nats apart")
-
