@@ -26,20 +26,11 @@ LORA = {"benchmark": {"lora_r": 4, "lora_alpha": 16, "target_modules": ["q_proj"
 
 def build(cfg, fast: bool):
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from pastiche import models
     from pastiche.train import build_model
 
-    if fast:
-        model = build_model(cfg, models.resolve_base("embedded"), "cpu", cfg.precision)
-    else:
-        torch.manual_seed(cfg.seed)
-        dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
-        model = get_peft_model(models.load_model(models.resolve_base("embedded"), dtype=dtype, attention="eager"),
-                               LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                          target_modules=cfg.target_modules if cfg.target_modules != ["all-linear"]
-                                          else "all-linear", task_type="CAUSAL_LM"))
+    model = build_model(cfg, models.resolve_base("embedded"), "cpu", cfg.precision, fast_path=fast)
     model.train()
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 

@@ -213,8 +213,12 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
     return train_set, eval_set
 
 
-def build_model(cfg: TrainConfig, base: models.BaseModel, device: str, precision: str):
-    """The base with LoRA adapters; the Trainer moves it to the device."""
+def build_model(cfg: TrainConfig, base: models.BaseModel, device: str, precision: str, fast_path: bool = True):
+    """The base with LoRA adapters; the Trainer moves it to the device.
+
+    On a CPU, ``fast_path`` swaps in pastiche/fastpath.py's pieces (``benchmarks/cpu_fastpath.py``
+    builds the model without them to measure what they bring).
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
@@ -228,7 +232,8 @@ def build_model(cfg: TrainConfig, base: models.BaseModel, device: str, precision
     # On CPU, SDPA's kernels train slower than the plain (eager) attention for these short rows
     # (`benchmarks/train_throughput.py --sides pastiche`: 378-401 vs 440-495 useful tokens/s),
     # and our grouped attention (pastiche/fastpath.py) is faster than both.
-    attention = fastpath.register_attention() if device == "cpu" else None
+    fast = fast_path and device == "cpu"
+    attention = fastpath.register_attention() if fast else "eager" if device == "cpu" else None
     model = models.load_model(base, dtype=dtype, device="cpu", quantize_4bit=cfg.qlora, attention=attention)
     if cfg.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
@@ -240,8 +245,8 @@ def build_model(cfg: TrainConfig, base: models.BaseModel, device: str, precision
     except ValueError as exc:
         raise PasticheError(f"--target-modules: {exc}") from exc
     model.config.use_cache = False
-    if device == "cpu":
-        fastpath.speed_up(model)  # cheaper dropout masks and RMSNorm; see pastiche/fastpath.py
+    if fast:
+        fastpath.speed_up(model)  # dropout masks, LoRA forward, RMSNorm; see pastiche/fastpath.py
         fastpath.reuse_freed_memory()  # fewer page faults per step
     return model
 
