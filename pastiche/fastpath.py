@@ -217,6 +217,12 @@ def speed_up(model) -> dict:
 
     swapped = {"dropout": 0, "rms_norm": 0, "lora_forward": 0}
     for module in model.modules():
+        # With the `kernels` package installed, transformers re-selects the forward of its
+        # kernel-capable layers (RMSNorm among them) on every train()/eval(), which silently
+        # dropped our RMSNorm. Kernels from the hub are for GPUs; on this path they stay off.
+        if getattr(module, "use_kernels", False):
+            module.use_kernels = False
+    for module in model.modules():
         if isinstance(module, LoraLayer):
             # Under autocast the LoRA matmuls run in bf16 anyway; PEFT's cast to fp32 is a round trip.
             module.cast_input_dtype_enabled = False

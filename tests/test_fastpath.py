@@ -89,7 +89,11 @@ def test_speed_up_swaps_dropout_and_norms_and_keeps_loss_and_gradients(tiny_base
             # 2 layers x 7 projections; 2 x 2 layer norms + the final norm.
             assert fastpath.speed_up(model) == {"dropout": 14, "rms_norm": 5, "lora_forward": 14}
             assert set(model.state_dict()) == keys
+        model.train()
         model.eval()  # dropout off: the two models must then compute the same thing
+        norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+        # The swaps survive train()/eval() (transformers' kernel re-selection once undid the norms).
+        assert sum(getattr(m.forward, "__func__", None) is fastpath.rms_norm for m in norms) == (5 if swap else 0)
         loss = completion_loss(model, batch)[0]
         loss.backward()
         results.append((loss.item(), [p.grad for p in model.parameters() if p.requires_grad]))
