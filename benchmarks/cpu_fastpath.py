@@ -4,11 +4,14 @@
 
 Both models are the embedded base with the same LoRA; "plain" is what `pastiche train` built
 before `pastiche/fastpath.py` (PEFT's dropout and input cast, Llama's RMSNorm, eager
-attention), "fast path" is what it builds now on a CPU. Each repeat times one pass of each model
-over the same micro-batches (forward, backward, AdamW step under bf16 autocast, or fp32 where the
-CPU has no bf16), alternating, so slow spells of the machine hit both sides alike. It prints the
-median useful tokens/s of each and `ratio fast path vs plain: X`. glibc's keep-freed-memory
-setting is process-wide, so both sides have it here: the ratio is the model pieces' alone.
+attention), "fast path" is what it builds now on a CPU, with the compiled kernels of
+pastiche/kernels.py, and "no kernels" is the fast path with those turned off (its PyTorch
+versions; "plain" runs without them too). Each repeat times one pass of each side over the same
+micro-batches (forward, backward, AdamW step under bf16 autocast, or fp32 where the CPU has no
+bf16), alternating, so slow spells of the machine hit all sides alike. It prints the median
+useful tokens/s of each, `ratio fast path vs plain: X` and `ratio kernels vs no kernels: Y`.
+glibc's keep-freed-memory setting is process-wide, so all sides have it here: the ratios are
+the model pieces' alone.
 """
 
 from __future__ import annotations
@@ -35,19 +38,23 @@ def build(cfg, fast: bool):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
-def one_pass(model, optimizer, batches, bf16: bool) -> float:
+def one_pass(model, optimizer, batches, bf16: bool, compiled: bool) -> float:
+    import contextlib
+
     import torch
 
+    from pastiche import kernels
     from pastiche.loop import completion_loss, fusable_head
 
     head = fusable_head(model)
     started = time.perf_counter()
-    for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, targets = completion_loss(model, batch, head)
-        (loss / targets).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    with contextlib.nullcontext() if compiled else kernels.turned_off():
+        for batch in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, targets = completion_loss(model, batch, head)
+            (loss / targets).backward()
+            optimizer.step()
+            optimizer.zero_grad()
     return time.perf_counter() - started
 
 
@@ -81,17 +88,19 @@ def main() -> None:
         groups = token_budget_batches([len(e) for e in examples], cfg.batch_tokens, cfg.seed)[:args.batches]
         batches = [collate([examples[i] for i in group]) for group in groups]
         tokens = sum(int(b["useful_tokens"]) for b in batches)
-        sides = {"plain": build(cfg, fast=False), "fast path": build(cfg, fast=True)}
+        fast = build(cfg, fast=True)
+        sides = {"plain": (*build(cfg, fast=False), False), "fast path": (*fast, True), "no kernels": (*fast, False)}
         for side in sides.values():
-            one_pass(*side, batches, bf16)  # warm-up: first-touch allocations, oneDNN kernel choice
+            one_pass(*side[:2], batches, bf16, side[2])  # warm-up: first-touch allocations, oneDNN kernel choice
         seconds = {name: [] for name in sides}
         for _ in range(args.repeats):
             for name, side in sides.items():
-                seconds[name].append(one_pass(*side, batches, bf16))
+                seconds[name].append(one_pass(*side[:2], batches, bf16, side[2]))
         rates = {name: tokens / statistics.median(s) for name, s in seconds.items()}
         for name, rate in rates.items():
-            print(f"{name:>9}: {rate:7.1f} useful tokens/s (median of {args.repeats} passes over {tokens} tokens)")
+            print(f"{name:>10}: {rate:7.1f} useful tokens/s (median of {args.repeats} passes over {tokens} tokens)")
         print(f"ratio fast path vs plain: {rates['fast path'] / rates['plain']:.2f}")
+        print(f"ratio kernels vs no kernels: {rates['fast path'] / rates['no kernels']:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -15,15 +15,53 @@ memory. ``torch.profiler`` on one step of `benchmarks/train_throughput.py` showe
 * Eager attention repeats keys and values for grouped-query heads and runs its softmax as
   several passes; ``grouped_attention`` does neither (registered as ``attn_implementation='pastiche'``).
 
-The same model trained without these swaps gets the same loss up to bf16 rounding (tested);
-nothing here changes what is saved: dropout modules and norms hold the same parameters.
+Where a C compiler is at hand, dropout, RMSNorm, SiLU-times-up and the masked softmax run as
+fused C kernels (pastiche/kernels.py), each one pass over memory; elsewhere the PyTorch
+versions below run. The same model trained without these swaps gets the same loss up to bf16
+rounding (tested); nothing here changes what is saved: dropout modules, norms and MLPs hold the
+same parameters.
 """
 
 from __future__ import annotations
 
 import torch
 
+from pastiche import kernels
+
 RANGE = 1 << 16  # a 16-bit random integer: dropout probabilities are rounded to 1/65,536
+
+
+def native(*tensors: torch.Tensor):
+    """The compiled kernels if they can take these tensors (CPU, all bf16 or all fp32), else None."""
+    dtype = tensors[0].dtype
+    if dtype not in (torch.bfloat16, torch.float32) or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
+        return None
+    return kernels.library()
+
+
+def is_bf16(t: torch.Tensor) -> int:
+    return int(t.dtype == torch.bfloat16)
+
+
+class _NativeDropout(torch.autograd.Function):
+    """x with the entries whose hashed random number falls below ``dropped`` zeroed; the backward
+    pass zeroes the same entries of the gradient by hashing the same seed again."""
+
+    @staticmethod
+    def forward(ctx, x, seed, dropped):
+        ctx.seed, ctx.dropped = seed, dropped
+        return _NativeDropout.apply_mask(x, seed, dropped)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _NativeDropout.apply_mask(grad, ctx.seed, ctx.dropped), None, None
+
+    @staticmethod
+    def apply_mask(x, seed, dropped):
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        kernels.load().pst_dropout(x.data_ptr(), out.data_ptr(), x.numel(), seed, dropped, is_bf16(x))
+        return out
 
 
 class KeepMaskDropout(torch.nn.Module):
@@ -32,6 +70,7 @@ class KeepMaskDropout(torch.nn.Module):
     def __init__(self, p: float):
         super().__init__()
         dropped = round(p * RANGE)
+        self.dropped = dropped
         self.p = dropped / RANGE
         self.threshold = dropped - RANGE // 2  # int16 values below it are dropped
         self.scale = RANGE / (RANGE - dropped)
@@ -45,6 +84,10 @@ class KeepMaskDropout(torch.nn.Module):
         dropout can apply the scale to its (much smaller) output instead."""
         if not self.training or self.p == 0.0:
             return x, 1.0
+        if native(x) is not None:
+            # The seed comes from torch's generator, so a seeded (or resumed) run repeats its masks.
+            seed = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) & (2**64 - 1)
+            return _NativeDropout.apply(x, seed, self.dropped), self.scale
         n = x.numel()
         # random_(-2**63, None) fills all 64 bits; each holds four independent int16 values.
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
@@ -60,6 +103,14 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
+        ctx.native = not ctx.needs_input_grad[1] and native(x, weight) is not None
+        if ctx.native:  # one pass; the frozen weight needs no gradient
+            x = x.contiguous()
+            out, inv = torch.empty_like(x), torch.empty((*x.shape[:-1], 1), dtype=torch.float32)
+            kernels.load().pst_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(),
+                                           inv.data_ptr(), inv.numel(), x.shape[-1], eps, is_bf16(x))
+            ctx.save_for_backward(x, inv, weight)
+            return out
         x32 = x.float()
         inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         normed = (x32 * inv).to(x.dtype)
@@ -69,6 +120,13 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, inv, weight = ctx.saved_tensors
+        if ctx.native and grad.dtype == x.dtype:
+            grad = grad.contiguous()
+            grad_x = torch.empty_like(x)
+            kernels.load().pst_rms_norm_backward(grad.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(),
+                                                    inv.data_ptr(), grad_x.data_ptr(), inv.numel(), x.shape[-1],
+                                                    is_bf16(x))
+            return grad_x, None, None
         x32 = x.float()
         g = grad.float() * weight.float()
         # d/dx of x * inv: inv * (g - x * inv^2 * mean(g * x))
@@ -84,41 +142,93 @@ def rms_norm(module, hidden_states: torch.Tensor) -> torch.Tensor:
     return _RMSNorm.apply(hidden_states, module.weight, module.variance_epsilon)
 
 
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, first_query: int, per_query: int) -> torch.Tensor:
+    """softmax(scores + mask) in the dtype of ``scores`` [batch, groups, queries * per_query, keys].
+
+    Rows are ordered (query, head within the group); ``mask`` is the whole fp32 [batch or 1, 1, 1,
+    length, all keys] mask, of which the rows from ``first_query`` and the first ``keys`` columns apply.
+    """
+    batch, groups, rows, keys = scores.shape
+    queries, all_keys = rows // per_query, mask.shape[-1]
+    lib = native(scores)
+    if lib is not None and mask.shape[0] in (1, batch) and mask.is_contiguous() and scores.is_contiguous():
+        probs = torch.empty_like(scores)
+        start = mask.data_ptr() + first_query * all_keys * mask.element_size()
+        lib.pst_masked_softmax(scores.data_ptr(), start, probs.data_ptr(), scores.numel() // keys, keys, queries,
+                               per_query, groups * rows, mask[0].numel() if mask.shape[0] > 1 else 0, all_keys,
+                               is_bf16(scores))
+        return probs
+    # bf16 scores + an fp32 mask of 0 / -inf give fp32 scores in one pass; the fp32 softmax is
+    # also faster on CPU than the bf16 one (measured: 0.75 vs 1.6 ms for 1.7M scores).
+    rows_mask = mask.view(mask.shape[0], 1, -1, 1, all_keys)[:, :, first_query:first_query + queries, :, :keys]
+    scores = scores.view(batch, groups, queries, per_query, keys) + rows_mask
+    return torch.softmax(scores, dim=-1).view(batch, groups, rows, keys)
+
+
 class _GroupedAttention(torch.autograd.Function):
     """softmax(q k^T * scale, masked) v for grouped-query heads, without repeating k and v.
 
-    The query heads that share a key/value head are stacked into one taller matrix, so each
-    product is one batched matmul per key/value head. The backward pass is written out
-    (dV = P^T dO, dS = softmax' (dO V^T), dQ = dS K, dK = dS^T Q) and saves only q, k, v and P.
+    The query heads that share a key/value head are stacked into one taller matrix, rows ordered
+    (position, head), so each product is one batched matmul per key/value head. Under a causal
+    mask the queries are split in two blocks (``query_blocks``): the first half sees only the
+    first half of the keys, so a quarter of the score matrix is never computed. The backward
+    pass is written out (dV = P^T dO, dS = softmax' (dO V^T), dQ = dS K, dK = dS^T Q) and saves
+    only q, k, v and P.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
+    def forward(ctx, q, k, v, mask, scale, blocks):
         batch, heads, length, dim = q.shape
-        groups, keys = k.shape[1], k.shape[2]
+        groups = k.shape[1]
         per_group = heads // groups
-        qg = (q * scale).reshape(batch, groups, per_group * length, dim)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).view(batch, groups, per_group, length, keys)
-        # bf16 scores + an fp32 mask of 0 / -inf give fp32 scores in one pass; the fp32 softmax
-        # is also faster on CPU than the bf16 one (measured: 0.75 vs 1.6 ms for 1.7M scores).
-        probs = torch.softmax(scores + mask, dim=-1).to(v.dtype).view(batch, groups, per_group * length, keys)
-        out = torch.matmul(probs, v).view(batch, groups, per_group, length, dim)
-        ctx.save_for_backward(qg, k, v, probs)
-        ctx.scale = scale
-        return out.permute(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
+        # [batch, groups, length * per_group, dim]: q arrives as a transposed view of [b, l, h, d].
+        qg = q.transpose(1, 2).reshape(batch, length, groups, per_group, dim).transpose(1, 2).contiguous()
+        qg = qg.mul_(scale).view(batch, groups, length * per_group, dim)
+        outs, probs = [], []
+        for first, last, keys in blocks:
+            scores = torch.matmul(qg[:, :, first * per_group:last * per_group], k[:, :, :keys].transpose(-1, -2))
+            probs.append(masked_softmax(scores, mask, first, per_group).to(v.dtype))
+            outs.append(torch.matmul(probs[-1], v[:, :, :keys]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        ctx.save_for_backward(qg, k, v, *probs)
+        ctx.scale, ctx.blocks = scale, blocks
+        return out.view(batch, groups, length, per_group, dim).transpose(1, 2).reshape(batch, length, heads, dim)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qg, k, v, probs = ctx.saved_tensors
+        qg, k, v, *probs = ctx.saved_tensors
         batch, length, heads, dim = grad_out.shape
         groups = k.shape[1]
-        d_out = grad_out.view(batch, length, groups, heads // groups, dim).permute(0, 2, 3, 1, 4)
-        d_out = d_out.reshape(batch, groups, -1, dim)
-        d_v = torch.matmul(probs.transpose(-1, -2), d_out)
-        d_scores = torch._softmax_backward_data(torch.matmul(d_out, v.transpose(-1, -2)), probs, -1, probs.dtype)
-        d_q = torch.matmul(d_scores, k).mul_(ctx.scale).view(batch, heads, length, dim)
-        d_k = torch.matmul(d_scores.transpose(-1, -2), qg)
-        return d_q, d_k, d_v, None, None
+        per_group = heads // groups
+        d_out = grad_out.reshape(batch, length, groups, per_group, dim).transpose(1, 2)
+        d_out = d_out.reshape(batch, groups, length * per_group, dim)
+        d_q, d_k, d_v = [], None, None
+        for (first, last, keys), p in reversed(list(zip(ctx.blocks, probs))):
+            rows = slice(first * per_group, last * per_group)
+            d_scores = torch._softmax_backward_data(torch.matmul(d_out[:, :, rows], v[:, :, :keys].transpose(-1, -2)),
+                                                    p, -1, p.dtype)
+            d_q.append(torch.matmul(d_scores, k[:, :, :keys]))
+            dv_part = torch.matmul(p.transpose(-1, -2), d_out[:, :, rows])
+            dk_part = torch.matmul(d_scores.transpose(-1, -2), qg[:, :, rows])
+            if d_v is None:
+                d_v, d_k = dv_part, dk_part  # the last block sees every key: walked first
+            else:
+                d_v[:, :, :keys] += dv_part
+                d_k[:, :, :keys] += dk_part
+        d_q = (d_q[0] if len(d_q) == 1 else torch.cat(d_q[::-1], dim=2)).mul_(ctx.scale)
+        d_q = d_q.view(batch, groups, length, per_group, dim).transpose(1, 2).reshape(batch, length, heads, dim)
+        return d_q.transpose(1, 2), d_k, d_v, None, None, None
+
+
+def query_blocks(mask: torch.Tensor) -> tuple:
+    """(first query, end query, keys it sees) per block: two blocks for rows of 256 and more
+    whose first half of queries may not look at the second half of the keys (any causal mask),
+    so that half multiplies only the first half of the keys; one block otherwise."""
+    length, keys = mask.shape[-2:]
+    half = length // 2
+    if keys != length or length < 256 or not bool((mask[..., :half, half:] == float("-inf")).all()):
+        return ((0, length, keys),)
+    return ((0, half, half), (half, length, keys))
 
 
 def additive_mask(attention_mask, length: int, keys: int, device) -> torch.Tensor:
@@ -137,13 +247,25 @@ def additive_mask(attention_mask, length: int, keys: int, device) -> torch.Tenso
     return mask.view(-1, 1, 1, length, keys)
 
 
+def layer_shared_mask(attention_mask, length: int, keys: int, device) -> tuple[torch.Tensor, tuple]:
+    """(``additive_mask``, its ``query_blocks``), built once per forward pass: every layer gets the
+    same ``attention_mask`` object, so they are kept on it (0.1-0.35 ms a layer saved)."""
+    cached = getattr(attention_mask, "_pastiche_additive", None)
+    if cached is None or cached[0].shape[-2:] != (length, keys):
+        mask = additive_mask(attention_mask, length, keys, device)
+        cached = (mask, query_blocks(mask))
+        if attention_mask is not None:
+            attention_mask._pastiche_additive = cached
+    return cached
+
+
 def grouped_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """A ``transformers`` attention function (registered as ``pastiche``) built on ``_GroupedAttention``."""
     if dropout:
         raise ValueError("pastiche attention has no attention dropout; use attn_implementation='eager'.")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    mask = additive_mask(attention_mask, query.shape[2], key.shape[2], query.device)
-    return _GroupedAttention.apply(query, key, value, mask, scale), None
+    mask, blocks = layer_shared_mask(attention_mask, query.shape[2], key.shape[2], query.device)
+    return _GroupedAttention.apply(query, key, value, mask, scale, blocks), None
 
 
 def register_attention() -> str:
@@ -185,6 +307,35 @@ def lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return flat.view(result.shape)
 
 
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up in one pass and both gradients in one more (compiled kernels only)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        h = torch.empty_like(gate)
+        kernels.load().pst_silu_mul(gate.data_ptr(), up.data_ptr(), h.data_ptr(), h.numel(), is_bf16(h))
+        ctx.save_for_backward(gate, up)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad = grad.to(gate.dtype).contiguous()
+        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+        kernels.load().pst_silu_mul_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(),
+                                                grad_up.data_ptr(), grad.numel(), is_bf16(grad))
+        return grad_gate, grad_up
+
+
+def mlp_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a Llama-style MLP (down(silu(gate(x)) * up(x))) with the activation fused."""
+    gate, up = module.gate_proj(x), module.up_proj(x)
+    if native(gate, up) is None:
+        return module.down_proj(module.act_fn(gate) * up)
+    return module.down_proj(_SiluMul.apply(gate, up))
+
+
 def reuse_freed_memory(limit_mb: int = 256) -> bool:
     """Ask glibc to serve allocations up to ``limit_mb`` from its heap and keep freed memory.
 
@@ -215,7 +366,8 @@ def speed_up(model) -> dict:
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
-    swapped = {"dropout": 0, "rms_norm": 0, "lora_forward": 0}
+    swapped = {"dropout": 0, "rms_norm": 0, "lora_forward": 0, "mlp": 0}
+    fused = kernels.library() is not None
     for module in model.modules():
         # With the `kernels` package installed, transformers re-selects the forward of its
         # kernel-capable layers (RMSNorm among them) on every train()/eval(), which silently
@@ -237,4 +389,8 @@ def speed_up(model) -> dict:
                 hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(rms_norm, module)
             swapped["rms_norm"] += 1
+        elif fused and type(module).__name__ in ("LlamaMLP", "Qwen2MLP", "MistralMLP") and \
+                type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
+            module.forward = types.MethodType(mlp_forward, module)
+            swapped["mlp"] += 1
     return swapped

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
+from pastiche import fastpath
 from pastiche.batching import IGNORE, BudgetBatchSampler
 from pastiche.errors import PasticheError
 
@@ -104,7 +105,16 @@ class HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], HeadCrossEntropy.CHUNK):
             h, t = hidden[start:start + HeadCrossEntropy.CHUNK].to(dtype), targets[start:start + HeadCrossEntropy.CHUNK]
-            log_probs = torch.log_softmax((h @ w.t()).float(), dim=-1)
+            logits = h @ w.t()
+            lib = fastpath.native(logits)
+            if lib is not None:  # one pass turns the logits into their gradient, softmax - one_hot
+                t = t.contiguous()
+                total += lib.pst_cross_entropy_grad(logits.data_ptr(), t.data_ptr(), len(t), logits.shape[1],
+                                                    fastpath.is_bf16(logits))
+                if want_grad:
+                    grad[start:start + len(t)] = (logits @ w).to(hidden.dtype)
+                continue
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
             total -= log_probs.gather(1, t[:, None]).sum()
             if want_grad:  # d loss / d logits = softmax - one_hot
                 probs = log_probs.exp_()

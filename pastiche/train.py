@@ -289,6 +289,11 @@ def fit(cfg: TrainConfig, base: models.BaseModel, run: Path, device: str, precis
     train_set, eval_set = load_examples(cfg, tokenizer)
     log(f"{len(train_set)} training rows ({sum(map(len, train_set))} tokens), {len(eval_set)} eval records")
     model = build_model(cfg, base, device, precision)
+    if device == "cpu":
+        from pastiche import kernels
+
+        log("compiled CPU kernels: " + ("in use" if kernels.library() else
+                                        "not in use (no working C compiler, or PASTICHE_KERNELS=0)"))
     callbacks = [loop.RunLog(run / paths.METRICS_JSONL, log), loop.BestAdapter(run / paths.ADAPTER_DIR),
                  loop.NoFinalCheckpoint()]
     if eval_set and cfg.early_stopping:

@@ -67,8 +67,16 @@ def test_rms_norm_matches_llama_forward_and_backward(dtype, tolerance):
         assert torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance * float(theirs.abs().max()))
 
 
-def test_speed_up_swaps_dropout_and_norms_and_keeps_loss_and_gradients(tiny_base, smol_tokenizer):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled kernels", "pytorch versions"])
+def test_speed_up_swaps_dropout_and_norms_and_keeps_loss_and_gradients(tiny_base, smol_tokenizer, compiled,
+                                                                       monkeypatch):
     """A LoRA model with the swaps: same modules saved, same loss and LoRA gradients without dropout."""
+    from pastiche import kernels
+
+    if compiled and kernels.library() is None:
+        pytest.skip("the kernels could not be built here")
+    if not compiled:
+        monkeypatch.setattr(kernels, "_turned_off", 1)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -86,8 +94,9 @@ def test_speed_up_swaps_dropout_and_norms_and_keeps_loss_and_gradients(tiny_base
                                           init_lora_weights=False, lora_dropout=0.1))
         keys = set(model.state_dict())
         if swap:
-            # 2 layers x 7 projections; 2 x 2 layer norms + the final norm.
-            assert fastpath.speed_up(model) == {"dropout": 14, "rms_norm": 5, "lora_forward": 14}
+            # 2 layers x 7 projections; 2 x 2 layer norms + the final norm; 2 MLPs.
+            mlps = 2 if kernels.library() is not None else 0
+            assert fastpath.speed_up(model) == {"dropout": 14, "rms_norm": 5, "lora_forward": 14, "mlp": mlps}
             assert set(model.state_dict()) == keys
         model.train()
         model.eval()  # dropout off: the two models must then compute the same thing
@@ -148,20 +157,26 @@ def eager_reference(q, k, v, keep):
     return out
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled kernels", "pytorch versions"])
+@pytest.mark.parametrize("length", [11, 300], ids=["one query block", "two query blocks"])
 @pytest.mark.parametrize("case", ["causal", "right padding", "packed"])
-def test_grouped_attention_matches_eager_attention(case):
+def test_grouped_attention_matches_eager_attention(case, length, compiled, monkeypatch):
+    from pastiche import kernels
+
+    if not compiled:
+        monkeypatch.setattr(kernels, "_turned_off", 1)
     torch.manual_seed(0)
-    batch, heads, groups, length, dim = 2, 6, 2, 11, 16
+    batch, heads, groups, dim = 2, 6, 2, 16
     q = torch.randn(batch, length, heads, dim).transpose(1, 2)  # the layout q has inside the model
     k, v = torch.randn(batch, groups, length, dim), torch.randn(batch, groups, length, dim)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     keep = causal.expand(batch, 1, length, length).clone()
     real = torch.ones(batch, length, dtype=torch.bool)
     if case == "right padding":
-        real[1, 7:] = False
+        real[1, length * 7 // 11:] = False
         keep &= real[:, None, None, :]
-    elif case == "packed":  # two records in row 0: positions 0-4 and 5-10
-        keep[0, :, 5:, :5] = False
+    elif case == "packed":  # two records in row 0: positions 0-4 and 5-10 (or 0-135, 136-299)
+        keep[0, :, length * 5 // 11:, :length * 5 // 11] = False
     mask = None if case == "causal" else keep
     grad = torch.randn(batch, length, heads, dim)
     outputs = []
@@ -174,6 +189,15 @@ def test_grouped_attention_matches_eager_attention(case):
         outputs.append([out * real[:, :, None, None]] + [t.grad for t in inputs])
     for ours, theirs in zip(outputs[1], outputs[0]):
         assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_query_blocks_split_only_long_rows_whose_first_half_cannot_see_the_second():
+    causal = fastpath.additive_mask(None, 300, 300, "cpu")
+    assert fastpath.query_blocks(causal) == ((0, 150, 150), (150, 300, 300))
+    assert fastpath.query_blocks(fastpath.additive_mask(None, 255, 255, "cpu")) == ((0, 255, 255),)
+    peeking = torch.ones(300, 300, dtype=torch.bool).tril()
+    peeking[3, 200] = True  # one early query may see a late key: every score is needed
+    assert fastpath.query_blocks(fastpath.additive_mask(peeking[None, None], 300, 300, "cpu")) == ((0, 300, 300),)
 
 
 def test_grouped_attention_refuses_attention_dropout():
