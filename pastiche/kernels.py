@@ -68,7 +68,7 @@ def build(code: bytes, cc: str, target: Path) -> bool:
         for flags in FLAG_SETS:
             out = Path(tmp) / "lib.so"
             done = subprocess.run([cc, *OPTIMIZE, *flags, "-shared", "-fPIC", "-o", str(out), str(src)],
-                                  capture_output=True)
+                                  check=False, capture_output=True)
             if done.returncode == 0:
                 os.replace(out, target)  # atomic: a concurrent run sees no half-written library
                 return True
