@@ -168,8 +168,9 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, first_query: int, p
 class _GroupedAttention(torch.autograd.Function):
     """softmax(q k^T * scale, masked) v for grouped-query heads, without repeating k and v.
 
-    The query heads that share a key/value head are stacked into one taller matrix, rows ordered
-    (position, head), so each product is one batched matmul per key/value head. Under a causal
+    The query heads that share a key/value head are stacked into one taller matrix ``qg``
+    [batch, groups, length * heads per group, dim], rows ordered (position, head) and already
+    scaled, so each product is one batched matmul per key/value head. Under a causal
     mask the queries are split in two blocks (``query_blocks``): the first half sees only the
     first half of the keys, so a quarter of the score matrix is never computed. The backward
     pass is written out (dV = P^T dO, dS = softmax' (dO V^T), dQ = dS K, dK = dS^T Q) and saves
@@ -177,13 +178,9 @@ class _GroupedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, blocks):
-        batch, heads, length, dim = q.shape
-        groups = k.shape[1]
-        per_group = heads // groups
-        # [batch, groups, length * per_group, dim]: q arrives as a transposed view of [b, l, h, d].
-        qg = q.transpose(1, 2).reshape(batch, length, groups, per_group, dim).transpose(1, 2).contiguous()
-        qg = qg.mul_(scale).view(batch, groups, length * per_group, dim)
+    def forward(ctx, qg, k, v, mask, blocks):
+        batch, groups, length, dim = k.shape
+        per_group = qg.shape[2] // length
         outs, probs = [], []
         for first, last, keys in blocks:
             scores = torch.matmul(qg[:, :, first * per_group:last * per_group], k[:, :, :keys].transpose(-1, -2))
@@ -191,8 +188,8 @@ class _GroupedAttention(torch.autograd.Function):
             outs.append(torch.matmul(probs[-1], v[:, :, :keys]))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         ctx.save_for_backward(qg, k, v, *probs)
-        ctx.scale, ctx.blocks = scale, blocks
-        return out.view(batch, groups, length, per_group, dim).transpose(1, 2).reshape(batch, length, heads, dim)
+        ctx.blocks = blocks
+        return out.view(batch, groups, length, per_group, dim).transpose(1, 2).reshape(batch, length, -1, dim)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -215,9 +212,8 @@ class _GroupedAttention(torch.autograd.Function):
             else:
                 d_v[:, :, :keys] += dv_part
                 d_k[:, :, :keys] += dk_part
-        d_q = (d_q[0] if len(d_q) == 1 else torch.cat(d_q[::-1], dim=2)).mul_(ctx.scale)
-        d_q = d_q.view(batch, groups, length, per_group, dim).transpose(1, 2).reshape(batch, length, heads, dim)
-        return d_q.transpose(1, 2), d_k, d_v, None, None, None
+        d_q = d_q[0] if len(d_q) == 1 else torch.cat(d_q[::-1], dim=2)
+        return d_q, d_k, d_v, None, None
 
 
 def query_blocks(mask: torch.Tensor) -> tuple:
@@ -264,8 +260,65 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
     if dropout:
         raise ValueError("pastiche attention has no attention dropout; use attn_implementation='eager'.")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    mask, blocks = layer_shared_mask(attention_mask, query.shape[2], key.shape[2], query.device)
-    return _GroupedAttention.apply(query, key, value, mask, scale, blocks), None
+    batch, heads, length, dim = query.shape
+    groups = key.shape[1]
+    # [batch, groups, length * heads per group, dim]; query arrives as a transposed view of [b, l, h, d].
+    qg = query.transpose(1, 2).reshape(batch, length, groups, heads // groups, dim).transpose(1, 2)
+    qg = (qg * scale).reshape(batch, groups, length * (heads // groups), dim)
+    mask, blocks = layer_shared_mask(attention_mask, length, key.shape[2], query.device)
+    return _GroupedAttention.apply(qg, key, value, mask, blocks), None
+
+
+class _Rotary(torch.autograd.Function):
+    """scale * rotary(x) for x [batch, length, heads, dim], written as [batch, groups, length *
+    heads per group, dim], the layout ``_GroupedAttention`` multiplies (compiled kernels only)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, groups, scale):
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        batch, length, heads, dim = x.shape
+        out = torch.empty((batch, groups, length * (heads // groups), dim), dtype=x.dtype)
+        ctx.trig_stride = length * dim if cos.shape[0] > 1 else 0
+        kernels.load().pst_rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), batch, length, heads,
+                                  groups, dim, ctx.trig_stride, scale, 0, is_bf16(x))
+        ctx.save_for_backward(cos, sin)
+        ctx.shape, ctx.groups, ctx.scale = x.shape, groups, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        batch, length, heads, dim = ctx.shape
+        grad = grad.to(cos.dtype).contiguous()
+        grad_x = torch.empty(ctx.shape, dtype=grad.dtype)
+        kernels.load().pst_rotary(grad.data_ptr(), cos.data_ptr(), sin.data_ptr(), grad_x.data_ptr(), batch, length,
+                                  heads, ctx.groups, dim, ctx.trig_stride, ctx.scale, 1, is_bf16(grad))
+        return grad_x, None, None, None, None
+
+
+def attention_forward(module, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    """Forward of a Llama-style attention layer while training on a CPU: one compiled pass applies
+    the rotary embedding to q (with the softmax scale) and k and writes them in the layout
+    ``_GroupedAttention`` multiplies, where transformers' forward runs about ten element-wise ops
+    and two copies. Anything else (a KV cache, attention dropout, another attention function,
+    dtypes the kernels do not take) goes through the layer's own forward."""
+    cached = any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "past_key_value"))
+    cos, sin = position_embeddings if position_embeddings is not None else (None, None)
+    if (cached or cos is None or module.config._attn_implementation != "pastiche" or module.head_dim > 512
+            or (module.training and module.attention_dropout) or native(cos, sin) is None):
+        return type(module).forward(module, hidden_states, position_embeddings=position_embeddings,
+                                    attention_mask=attention_mask, **kwargs)
+    batch, length = hidden_states.shape[:2]
+    dim, groups = module.head_dim, module.config.num_key_value_heads
+    q = module.q_proj(hidden_states).view(batch, length, -1, dim)
+    k = module.k_proj(hidden_states).view(batch, length, groups, dim)
+    v = module.v_proj(hidden_states).view(batch, length, groups, dim).transpose(1, 2)
+    if native(q, k, cos, sin) is None:  # e.g. projections in another dtype than the embedding tables
+        q, k = (q.to(cos.dtype), k.to(cos.dtype))
+    qg, k = _Rotary.apply(q, cos, sin, groups, module.scaling), _Rotary.apply(k, cos, sin, groups, 1.0)
+    mask, blocks = layer_shared_mask(attention_mask, length, length, hidden_states.device)
+    out = _GroupedAttention.apply(qg, k, v, mask, blocks)
+    return module.o_proj(out.reshape(batch, length, -1)), None
 
 
 def register_attention() -> str:
@@ -366,7 +419,7 @@ def speed_up(model) -> dict:
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
-    swapped = {"dropout": 0, "rms_norm": 0, "lora_forward": 0, "mlp": 0}
+    swapped = {"dropout": 0, "rms_norm": 0, "lora_forward": 0, "mlp": 0, "attention": 0}
     fused = kernels.library() is not None
     for module in model.modules():
         # With the `kernels` package installed, transformers re-selects the forward of its
@@ -393,4 +446,8 @@ def speed_up(model) -> dict:
                 type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
             module.forward = types.MethodType(mlp_forward, module)
             swapped["mlp"] += 1
+        elif fused and type(module).__name__ in ("LlamaAttention", "Qwen2Attention", "MistralAttention") and \
+                all(hasattr(module, name) for name in ("head_dim", "scaling", "q_proj", "k_proj", "v_proj", "o_proj")):
+            module.forward = types.MethodType(attention_forward, module)
+            swapped["attention"] += 1
     return swapped

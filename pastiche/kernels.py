@@ -37,6 +37,7 @@ SIGNATURES = {  # name: (argument types, result type)
     "pst_rms_norm_backward": ([POINTER, POINTER, POINTER, POINTER, POINTER, I64, I64, I32], None),
     "pst_silu_mul": ([POINTER, POINTER, POINTER, I64, I32], None),
     "pst_silu_mul_backward": ([POINTER, POINTER, POINTER, POINTER, POINTER, I64, I32], None),
+    "pst_rotary": ([POINTER, POINTER, POINTER, POINTER, I64, I64, I64, I64, I64, I64, F32, I32, I32], None),
     "pst_masked_softmax": ([POINTER, POINTER, POINTER, I64, I64, I64, I64, I64, I64, I64, I32], None),
     "pst_cross_entropy_grad": ([POINTER, POINTER, I64, I64, I32], ctypes.c_double),
 }

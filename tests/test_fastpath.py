@@ -89,14 +89,16 @@ def test_speed_up_swaps_dropout_and_norms_and_keeps_loss_and_gradients(tiny_base
     results = []
     for swap in (False, True):
         torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
+        attention = fastpath.register_attention() if swap else "eager"
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation=attention),
                                LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear",
                                           init_lora_weights=False, lora_dropout=0.1))
         keys = set(model.state_dict())
         if swap:
-            # 2 layers x 7 projections; 2 x 2 layer norms + the final norm; 2 MLPs.
-            mlps = 2 if kernels.library() is not None else 0
-            assert fastpath.speed_up(model) == {"dropout": 14, "rms_norm": 5, "lora_forward": 14, "mlp": mlps}
+            # 2 layers x 7 projections; 2 x 2 layer norms + the final norm; 2 MLPs and attentions.
+            fused = 2 if kernels.library() is not None else 0
+            assert fastpath.speed_up(model) == {"dropout": 14, "rms_norm": 5, "lora_forward": 14, "mlp": fused,
+                                                "attention": fused}
             assert set(model.state_dict()) == keys
         model.train()
         model.eval()  # dropout off: the two models must then compute the same thing

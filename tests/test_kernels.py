@@ -154,3 +154,24 @@ def test_dropout_kernel_draws_neighbouring_entries_independently(lib):
     # together at p^2 = 0.09, not p (standard deviation ~0.0005 at this size).
     for gap in (1, 3, 4, 8):
         assert abs((dropped[:-gap] * dropped[gap:]).mean().item() - 0.09) < 0.003
+
+
+@pytest.mark.parametrize("dtype,tolerance", DTYPES)
+def test_rotary_kernel_matches_llama_and_writes_the_grouped_layout(lib, dtype, tolerance):
+    from transformers.models.llama import modeling_llama
+
+    torch.manual_seed(0)
+    batch, length, heads, groups, dim = 2, 13, 6, 2, 64
+    x = torch.randn(batch, length, heads, dim, dtype=dtype, requires_grad=True)
+    angles = torch.randn(batch, length, dim // 2) * 3  # a position per row and token, as packed rows have
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    ours = fastpath._Rotary.apply(x, cos, sin, groups, 0.5)
+    assert ours.shape == (batch, groups, length * heads // groups, dim) and ours.dtype == dtype
+    xf = x.detach().float().requires_grad_()
+    rotated, _ = modeling_llama.apply_rotary_pos_emb(xf.transpose(1, 2), xf.transpose(1, 2), cos.float(), sin.float())
+    # [b, h, l, d] -> [b, groups, l, heads per group, d] -> rows ordered (position, head in group)
+    theirs = (rotated * 0.5).view(batch, groups, heads // groups, length, dim).transpose(2, 3)
+    theirs = theirs.reshape(batch, groups, -1, dim)
+    assert close(ours, theirs, tolerance)
+    grad = torch.randn_like(ours)
+    assert close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, xf, grad.float())[0], tolerance)

@@ -188,6 +188,43 @@ void pst_silu_mul_backward(const void *grad, const void *gate, const void *up, v
         BY_DTYPE(silu_mul_backward_body, grad, gate, up, grad_gate, grad_up, start, start + CHUNK < n ? start + CHUNK : n);
 }
 
+/* ---- rotary position embedding, written in the layout the attention multiplies -------------
+ * x: [batch, length, heads, dim] as the projection wrote it; cos, sin: [batch or 1, length, dim]
+ * (cos_batch_stride 0 when shared); out: [batch, groups, length, heads / groups, dim] with
+ * out = scale * (x cos + rotate(x) sin), rotate(x1, x2) = (-x2, x1) for the halves of dim.
+ * inverse = 1 is the backward pass: x is then the gradient in out's layout, out the gradient in
+ * x's layout, dx1 = scale * (g1 c1 + g2 s2), dx2 = scale * (g2 c2 - g1 s1). */
+BODY int rotary_body(const void *src, const void *cos, const void *sin, void *dst, int64_t from, int64_t to,
+                     int64_t trig, int64_t half, float scale, const int inverse, const int bf16) {
+    float first[256], second[256]; /* dim <= 512, checked by the caller */
+    for (int64_t j = 0; j < half; j++) {
+        float c1 = load(cos, trig + j, bf16), c2 = load(cos, trig + half + j, bf16);
+        float s1 = load(sin, trig + j, bf16), s2 = load(sin, trig + half + j, bf16);
+        float a = load(src, from + j, bf16), b = load(src, from + half + j, bf16);
+        first[j] = scale * (inverse ? a * c1 + b * s2 : a * c1 - b * s1);
+        second[j] = scale * (inverse ? b * c2 - a * s1 : b * c2 + a * s2);
+    }
+    for (int64_t j = 0; j < half; j++) store(dst, to + j, first[j], bf16);
+    for (int64_t j = 0; j < half; j++) store(dst, to + half + j, second[j], bf16);
+    return 0;
+}
+
+void pst_rotary(const void *x, const void *cos, const void *sin, void *out, int64_t batch, int64_t length,
+                int64_t heads, int64_t groups, int64_t dim, int64_t cos_batch_stride, float scale, int inverse,
+                int bf16) {
+    const int64_t per = heads / groups;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < batch * length * heads; i++) {
+        int64_t b = i / (length * heads), l = (i / heads) % length, h = i % heads;
+        int64_t natural = i * dim, grouped = (((b * groups + h / per) * length + l) * per + h % per) * dim;
+        int64_t trig = b * cos_batch_stride + l * dim;
+        if (inverse)
+            BY_DTYPE(rotary_body, x, cos, sin, out, grouped, natural, trig, dim / 2, scale, 1);
+        else
+            BY_DTYPE(rotary_body, x, cos, sin, out, natural, grouped, trig, dim / 2, scale, 0);
+    }
+}
+
 /* ---- softmax(scores + mask) over the last axis -----------------------------------------------
  * scores, out: `rows` rows of `keys`; row r belongs to batch r / rows_per_batch and to query
  * (r / per_query) % queries, whose mask row (fp32, 0 or -inf) starts at
