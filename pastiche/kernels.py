@@ -105,8 +105,10 @@ def load() -> ctypes.CDLL | None:
         code = source()
         key = hashlib.sha256(code + cc.encode() + cpu_identity()).hexdigest()[:16]
         target = paths.home() / "kernels" / key / "libpastiche_cpu.so"
-        if not target.exists() and not build(code, cc, target):
-            return None
+        if not target.exists():
+            print(f"pastiche: compiling the CPU training kernels once into {target.parent} ({Path(cc).name})")
+            if not build(code, cc, target):
+                return None
         import torch  # noqa: F401  (torch's OpenMP runtime is loaded first, so ours is the same one)
 
         lib = ctypes.CDLL(str(target))
