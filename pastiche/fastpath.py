@@ -15,9 +15,9 @@ memory. ``torch.profiler`` on one step of `benchmarks/train_throughput.py` showe
 * Eager attention repeats keys and values for grouped-query heads and runs its softmax as
   several passes; ``grouped_attention`` does neither (registered as ``attn_implementation='pastiche'``).
 
-Where a C compiler is at hand, dropout, RMSNorm, SiLU-times-up and the masked softmax run as
-fused C kernels (pastiche/kernels.py), each one pass over memory; elsewhere the PyTorch
-versions below run. The same model trained without these swaps gets the same loss up to bf16
+Where a C compiler is at hand, dropout, RMSNorm, the rotary embedding, the masked softmax and
+SiLU-times-up run as compiled C kernels (pastiche/kernels.py), each one pass over memory;
+elsewhere the PyTorch versions below run. The same model trained without these swaps gets the same loss up to bf16
 rounding (tested); nothing here changes what is saved: dropout modules, norms and MLPs hold the
 same parameters.
 """
@@ -108,7 +108,7 @@ class _RMSNorm(torch.autograd.Function):
             x = x.contiguous()
             out, inv = torch.empty_like(x), torch.empty((*x.shape[:-1], 1), dtype=torch.float32)
             kernels.load().pst_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(),
-                                           inv.data_ptr(), inv.numel(), x.shape[-1], eps, is_bf16(x))
+                                        inv.data_ptr(), inv.numel(), x.shape[-1], eps, is_bf16(x))
             ctx.save_for_backward(x, inv, weight)
             return out
         x32 = x.float()
@@ -124,8 +124,8 @@ class _RMSNorm(torch.autograd.Function):
             grad = grad.contiguous()
             grad_x = torch.empty_like(x)
             kernels.load().pst_rms_norm_backward(grad.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(),
-                                                    inv.data_ptr(), grad_x.data_ptr(), inv.numel(), x.shape[-1],
-                                                    is_bf16(x))
+                                                 inv.data_ptr(), grad_x.data_ptr(), inv.numel(), x.shape[-1],
+                                                 is_bf16(x))
             return grad_x, None, None
         x32 = x.float()
         g = grad.float() * weight.float()
@@ -178,9 +178,9 @@ class _GroupedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qg, k, v, mask, blocks):
-        batch, groups, length, dim = k.shape
-        per_group = qg.shape[2] // length
+    def forward(ctx, qg, k, v, mask, blocks, per_group):
+        batch, groups, _, dim = k.shape
+        length = qg.shape[2] // per_group  # queries
         outs, probs = [], []
         for first, last, keys in blocks:
             scores = torch.matmul(qg[:, :, first * per_group:last * per_group], k[:, :, :keys].transpose(-1, -2))
@@ -213,7 +213,7 @@ class _GroupedAttention(torch.autograd.Function):
                 d_v[:, :, :keys] += dv_part
                 d_k[:, :, :keys] += dk_part
         d_q = d_q[0] if len(d_q) == 1 else torch.cat(d_q[::-1], dim=2)
-        return d_q, d_k, d_v, None, None
+        return d_q, d_k, d_v, None, None, None
 
 
 def query_blocks(mask: torch.Tensor) -> tuple:
@@ -266,7 +266,7 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
     qg = query.transpose(1, 2).reshape(batch, length, groups, heads // groups, dim).transpose(1, 2)
     qg = (qg * scale).reshape(batch, groups, length * (heads // groups), dim)
     mask, blocks = layer_shared_mask(attention_mask, length, key.shape[2], query.device)
-    return _GroupedAttention.apply(qg, key, value, mask, blocks), None
+    return _GroupedAttention.apply(qg, key, value, mask, blocks, heads // groups), None
 
 
 class _Rotary(torch.autograd.Function):
@@ -305,7 +305,7 @@ def attention_forward(module, hidden_states, position_embeddings=None, attention
     cached = any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "past_key_value"))
     cos, sin = position_embeddings if position_embeddings is not None else (None, None)
     if (cached or cos is None or module.config._attn_implementation != "pastiche" or module.head_dim > 512
-            or (module.training and module.attention_dropout) or native(cos, sin) is None):
+            or (module.training and getattr(module, "attention_dropout", 0.0)) or native(cos, sin) is None):
         return type(module).forward(module, hidden_states, position_embeddings=position_embeddings,
                                     attention_mask=attention_mask, **kwargs)
     batch, length = hidden_states.shape[:2]
@@ -317,7 +317,7 @@ def attention_forward(module, hidden_states, position_embeddings=None, attention
         q, k = (q.to(cos.dtype), k.to(cos.dtype))
     qg, k = _Rotary.apply(q, cos, sin, groups, module.scaling), _Rotary.apply(k, cos, sin, groups, 1.0)
     mask, blocks = layer_shared_mask(attention_mask, length, length, hidden_states.device)
-    out = _GroupedAttention.apply(qg, k, v, mask, blocks)
+    out = _GroupedAttention.apply(qg, k, v, mask, blocks, qg.shape[2] // length)
     return module.o_proj(out.reshape(batch, length, -1)), None
 
 
@@ -377,7 +377,7 @@ class _SiluMul(torch.autograd.Function):
         grad = grad.to(gate.dtype).contiguous()
         grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
         kernels.load().pst_silu_mul_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(),
-                                                grad_up.data_ptr(), grad.numel(), is_bf16(grad))
+                                             grad_up.data_ptr(), grad.numel(), is_bf16(grad))
         return grad_gate, grad_up
 
 

@@ -212,3 +212,15 @@ def test_reuse_freed_memory_is_accepted_by_glibc():
     import sys
 
     assert fastpath.reuse_freed_memory() is sys.platform.startswith("linux")
+
+
+def test_grouped_attention_with_fewer_queries_than_keys_matches_eager_attention():
+    """The last 3 positions of 11 against all 11 keys, as with a KV cache: one block, any length."""
+    torch.manual_seed(0)
+    batch, heads, groups, dim, queries, keys = 2, 6, 2, 16, 3, 11
+    q = torch.randn(batch, queries, heads, dim).transpose(1, 2)
+    k, v = torch.randn(batch, groups, keys, dim), torch.randn(batch, groups, keys, dim)
+    keep = (torch.arange(keys)[None, :] <= torch.arange(keys - queries, keys)[:, None]).expand(batch, 1, queries, keys)
+    ours = fastpath.grouped_attention(None, q, k, v, keep, scaling=0.125)[0]
+    assert ours.shape == (batch, queries, heads, dim)
+    assert torch.allclose(ours, eager_reference(q, k, v, keep), atol=1e-5)
