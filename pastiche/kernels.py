@@ -1,9 +1,9 @@
-"""Fused CPU kernels (pastiche/csrc/cpu_kernels.c), compiled once per machine and called with ctypes.
+"""Compiled CPU kernels (pastiche/csrc/cpu_kernels.c), built once per machine, called with ctypes.
 
 PyTorch's eager mode runs each element-wise op as its own pass over memory into a fresh tensor;
 around the small matrices of a 135M model those passes cost a quarter of a CPU training step.
-The C file does dropout, RMSNorm, SiLU-times-up, the masked attention softmax and the head's
-cross-entropy each in one pass. It is built with the system C compiler (``$CC``, else ``cc``,
+The C file does dropout, RMSNorm, the rotary embedding, the masked attention softmax,
+SiLU-times-up and the output layer's cross-entropy each in one pass. It is built with the system C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``) into pastiche's cache folder the first time a CPU run asks for it (about
 a second), keyed by the source, the compiler and the CPU, and is loaded after torch so that it
 shares torch's OpenMP threads. Without a compiler, with ``PASTICHE_KERNELS=0`` or inside

@@ -108,7 +108,7 @@ class HeadCrossEntropy(torch.autograd.Function):
             logits = h @ w.t()
             lib = fastpath.native(logits)
             if lib is not None:  # one pass turns the logits into their gradient, softmax - one_hot
-                t = t.contiguous()
+                t = t.to(torch.int64).contiguous()
                 total += lib.pst_cross_entropy_grad(logits.data_ptr(), t.data_ptr(), len(t), logits.shape[1],
                                                     fastpath.is_bf16(logits))
                 if want_grad:
