@@ -221,6 +221,10 @@ def test_run_folder_has_exactly_the_contract_files(tiny_run):
     assert state["status"] == "done" and state["global_step"] == 6 and state["best_step"] in (3, 6)
     assert state["device"] == "cpu" and state["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
     assert [m["step"] for m in metrics(tiny_run) if "eval_loss" in m] == [3, 6]
+    from pastiche import kernels
+
+    used = "in use" if kernels.library() is not None else "not in use"
+    assert f"compiled CPU kernels: {used}" in (tiny_run / "train.log").read_text()
     import yaml
 
     saved = yaml.safe_load((tiny_run / paths.CONFIG_YAML).read_text())
