@@ -24,6 +24,8 @@ same parameters.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pastiche import kernels
@@ -245,14 +247,21 @@ def additive_mask(attention_mask, length: int, keys: int, device) -> torch.Tenso
 
 def layer_shared_mask(attention_mask, length: int, keys: int, device) -> tuple[torch.Tensor, tuple]:
     """(``additive_mask``, its ``query_blocks``), built once per forward pass: every layer gets the
-    same ``attention_mask`` object, so they are kept on it (0.1-0.35 ms a layer saved)."""
+    same ``attention_mask`` object, so they are kept on it (0.1-0.35 ms a layer saved). A plain
+    causal mask (``attention_mask`` None) depends on the shape alone and is kept per shape."""
+    if attention_mask is None:
+        return causal_mask(length, keys, str(device))
     cached = getattr(attention_mask, "_pastiche_additive", None)
     if cached is None or cached[0].shape[-2:] != (length, keys):
         mask = additive_mask(attention_mask, length, keys, device)
-        cached = (mask, query_blocks(mask))
-        if attention_mask is not None:
-            attention_mask._pastiche_additive = cached
+        cached = attention_mask._pastiche_additive = (mask, query_blocks(mask))
     return cached
+
+
+@functools.lru_cache(maxsize=8)
+def causal_mask(length: int, keys: int, device: str) -> tuple[torch.Tensor, tuple]:
+    mask = additive_mask(None, length, keys, device)
+    return mask, query_blocks(mask)
 
 
 def grouped_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -314,7 +323,7 @@ def attention_forward(module, hidden_states, position_embeddings=None, attention
     k = module.k_proj(hidden_states).view(batch, length, groups, dim)
     v = module.v_proj(hidden_states).view(batch, length, groups, dim).transpose(1, 2)
     if native(q, k, cos, sin) is None:  # e.g. projections in another dtype than the embedding tables
-        q, k = (q.to(cos.dtype), k.to(cos.dtype))
+        q, k = q.to(cos.dtype), k.to(cos.dtype)
     qg, k = _Rotary.apply(q, cos, sin, groups, module.scaling), _Rotary.apply(k, cos, sin, groups, 1.0)
     mask, blocks = layer_shared_mask(attention_mask, length, length, hidden_states.device)
     out = _GroupedAttention.apply(qg, k, v, mask, blocks, qg.shape[2] // length)

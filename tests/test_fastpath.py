@@ -200,6 +200,14 @@ def test_query_blocks_split_only_long_rows_whose_first_half_cannot_see_the_secon
     peeking = torch.ones(300, 300, dtype=torch.bool).tril()
     peeking[3, 200] = True  # one early query may see a late key: every score is needed
     assert fastpath.query_blocks(fastpath.additive_mask(peeking[None, None], 300, 300, "cpu")) == ((0, 300, 300),)
+    # Built once per forward pass, not once per layer: kept on the mask object, or per shape when causal.
+    shared = fastpath.layer_shared_mask(peeking[None, None], 300, 300, "cpu")
+    assert fastpath.layer_shared_mask(peeking[None, None], 300, 300, "cpu") is not shared  # another object
+    assert shared[1] == ((0, 300, 300),)
+    keep = peeking[None, None]
+    assert fastpath.layer_shared_mask(keep, 300, 300, "cpu") is fastpath.layer_shared_mask(keep, 300, 300, "cpu")
+    assert fastpath.layer_shared_mask(None, 300, 300, "cpu") is fastpath.layer_shared_mask(None, 300, 300, "cpu")
+    assert fastpath.layer_shared_mask(None, 300, 300, "cpu")[1] == ((0, 150, 150), (150, 300, 300))
 
 
 def test_grouped_attention_refuses_attention_dropout():
